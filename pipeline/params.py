@@ -1,0 +1,169 @@
+"""The params schema: the one place that says which keys params.yaml has and what they hold.
+
+Loaded with ruamel.yaml in YAML 1.2 mode, like DVC itself, so the text `dvc exp run -S
+e2e.lr_fe=1e-9` writes (`lr_fe: 1e-09`) is a float; PyYAML (YAML 1.1) would return the string
+'1e-09'. Validation is pydantic with `extra="forbid"`, so an unknown or mistyped key stops the
+stage with the dotted key named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+
+from pipeline.errors import PipelineError
+
+
+class ParamsError(PipelineError):
+    """params.yaml is malformed; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoParams(_Section):
+    seed: int = 0
+    n_patients: int = Field(6, ge=1)
+    slides_per_patient: int = Field(5, ge=1)
+    slide_mm: float = Field(5.0, gt=0)
+    mpp: float = Field(1.0, gt=0)
+    split_patients: tuple[int, int, int] = (3, 1, 2)
+    jpeg_quality: int = Field(85, ge=10, le=100)
+
+
+class DataParams(_Section):
+    manifest: str = "data/demo/manifest.csv"
+
+
+class TileParams(_Section):
+    size_px: int = Field(256, ge=16)
+    mpp: float = Field(1.0, gt=0)
+    fallback_level: int = Field(0, ge=0)
+    fallback_mpp: float | None = Field(None, gt=0)
+    min_tissue: float = Field(0.8, ge=0, le=1)
+    mask_mpp: float = Field(8.0, gt=0)
+    min_object_um2: float = Field(20000.0, ge=0)
+    max_hole_um2: float = Field(5000.0, ge=0)
+    workers: int = Field(2, ge=1)
+    cache_pixels: bool = False
+
+
+class LabelParams(_Section):
+    tumor_min: float = Field(0.2, ge=0, le=1)
+    normal_min: float = Field(0.8, ge=0, le=1)
+    raster_subsample: int = Field(8, ge=1)
+
+
+class ExtractorParams(_Section):
+    arch: Literal["googlenet", "resnet18", "small_cnn"] = "small_cnn"
+    pretrained: str = "none"
+    feature_dim: int = Field(16, ge=1)
+    crop_px: int = Field(224, ge=8)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    balance: bool = True
+    workers: int = Field(2, ge=0)
+    amp: bool = True
+
+
+class FeatureMapParams(_Section):
+    size: int = Field(32, ge=4)
+    mode: Literal["centered", "full"] = "centered"
+    per_lump: bool = False
+    crop: int = Field(32, ge=4)
+
+
+class UNetParams(_Section):
+    depth: int = Field(3, ge=1, le=8)
+    width: int = Field(32, ge=1)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class E2EParams(_Section):
+    lr_fe: float = Field(1e-9, ge=0)
+    lr_seg: float = Field(1e-7, ge=0)
+    epochs: int = Field(2, ge=0)
+    chunk_size: int = Field(32, ge=1)
+    backprop_fraction: float = Field(1.0, gt=0, le=1)
+    augment: bool = False
+
+
+class SegOnlyParams(_Section):
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class EvaluateParams(_Section):
+    threshold: float = Field(0.5, ge=0, le=1)
+    split: Literal["train", "val", "test"] = "test"
+
+
+class Params(_Section):
+    seed: int = 0
+    demo: DemoParams = DemoParams()
+    data: DataParams = DataParams()
+    tile: TileParams = TileParams()
+    label: LabelParams = LabelParams()
+    extractor: ExtractorParams = ExtractorParams()
+    featuremap: FeatureMapParams = FeatureMapParams()
+    unet: UNetParams = UNetParams()
+    e2e: E2EParams = E2EParams()
+    seg_only: SegOnlyParams = SegOnlyParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (e.g. 'tile'), stored in HDF5 attrs so a rerun can
+        tell a complete output made with the same params from a stale one."""
+        blob = json.dumps({s: _dump(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def section_json(self, *sections: str) -> str:
+        return json.dumps({s: _dump(getattr(self, s)) for s in sections}, sort_keys=True)
+
+
+def _dump(v: Any) -> Any:
+    return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="safe", pure=True)
+    y.version = (1, 2)
+    return y
+
+
+def parse_params(text: str, source: str = "params.yaml") -> Params:
+    """Parse params YAML text (YAML 1.2) and validate it against the schema."""
+    try:
+        raw = _yaml().load(text)
+    except Exception as exc:  # ruamel raises several parser error types
+        raise ParamsError(f"{source}: not valid YAML: {exc}".splitlines()[0]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"{key}: {kind} (got {err.get('input')!r})")
+        raise ParamsError(f"{source}: " + "; ".join(msgs)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    return parse_params(path.read_text(), source=str(path))

@@ -1,0 +1,50 @@
+"""Where artifacts live, relative to the project root (DVC runs stages from there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    def _p(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def demo(self) -> Path:
+        return self._p("data", "demo")
+
+    @property
+    def tiles(self) -> Path:
+        return self._p("data", "tiles")
+
+    @property
+    def labels(self) -> Path:
+        return self._p("data", "labels")
+
+    @property
+    def features(self) -> Path:
+        return self._p("data", "features")
+
+    @property
+    def models(self) -> Path:
+        return self._p("models")
+
+    @property
+    def reports(self) -> Path:
+        return self._p("reports")
+
+    def tile_file(self, slide_id: str) -> Path:
+        return self.tiles / f"{slide_id}.h5"
+
+    def pixel_cache_file(self, slide_id: str) -> Path:
+        return self.tiles / f"{slide_id}.pixels.h5"
+
+    def label_file(self, slide_id: str) -> Path:
+        return self.labels / f"{slide_id}.h5"
+
+    def feature_file(self, slide_id: str) -> Path:
+        return self.features / f"{slide_id}.h5"

@@ -1,0 +1,181 @@
+"""One slide reader with explicit units (in the spirit of TIAToolbox's WSIReader).
+
+Everything about reading pixels goes through `Slide`: which pyramid level serves a target mpp,
+how big a region to read there, how it is resampled, and the low-resolution image the tissue
+mask is computed on. Errors name the file and the OpenSlide reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import PipelineError
+
+# A level whose downsample is within this relative tolerance of the wanted one is used as exact
+# (scanners store e.g. 4.0002 instead of 4).
+LEVEL_TOLERANCE = 0.02
+
+
+class SlideError(PipelineError):
+    """A slide cannot be used; str() is one line naming the file and the cause."""
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How a tile of `tile_size_px` at `tile_mpp` is read from a slide."""
+
+    level: int
+    level_downsample: float
+    read_size_px: int
+    tile_size_px: int
+    tile_size_px_level0: float  # grid pitch in level-0 pixels
+    tile_mpp: float  # NaN when the slide's mpp is unknown and no fallback was given
+    mpp: float  # level-0 mpp used (NaN when unknown)
+    mpp_source: str  # metadata | fallback_mpp | unknown
+
+    def as_attrs(self) -> dict:
+        return asdict(self)
+
+
+def _openslide():
+    import openslide
+
+    return openslide
+
+
+class Slide:
+    """An open slide. Not picklable on purpose: open one per process / DataLoader worker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        openslide = _openslide()
+        if self.path.is_dir() and self.path.suffix.lower() not in {".mrxs"}:
+            raise SlideError(f"{self.path}: is a directory, not a slide file")
+        if not self.path.exists():
+            raise SlideError(f"{self.path}: file not found")
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(f"{self.path}: unsupported or unrecognised slide format") from None
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{self.path}: OpenSlide cannot read it: {exc}") from None
+        except Exception as exc:  # PIL fallback errors, OS errors
+            raise SlideError(f"{self.path}: cannot open slide: {exc}") from None
+        self.dimensions: tuple[int, int] = tuple(self._osr.dimensions)  # level-0 (w, h)
+        self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+        props = self._osr.properties
+        mpp = None
+        try:
+            mx = float(props.get("openslide.mpp-x", "nan"))
+            my = float(props.get("openslide.mpp-y", "nan"))
+            if math.isfinite(mx) and mx > 0:
+                mpp = (mx + my) / 2 if math.isfinite(my) and my > 0 else mx
+        except ValueError:
+            mpp = None
+        self.mpp: float | None = mpp
+        self.vendor: str = props.get("openslide.vendor", "unknown")
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        raise TypeError("Slide handles must not cross processes; open one per worker")
+
+    # -- geometry ---------------------------------------------------------------------------
+    def best_level(self, downsample: float) -> int:
+        """Finest-to-coarsest: the coarsest level whose downsample is <= the wanted one
+        (within LEVEL_TOLERANCE), so we read at least as fine as asked and only ever shrink."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + LEVEL_TOLERANCE):
+                best = i
+        return best
+
+    def tile_geometry(
+        self,
+        tile_size_px: int,
+        target_mpp: float,
+        fallback_level: int = 0,
+        fallback_mpp: float | None = None,
+    ) -> TileGeometry:
+        mpp, source = self.mpp, "metadata"
+        if mpp is None and fallback_mpp is not None:
+            mpp, source = float(fallback_mpp), "fallback_mpp"
+        if mpp is None:
+            level = min(fallback_level, len(self.level_downsamples) - 1)
+            ds = self.level_downsamples[level]
+            return TileGeometry(level, ds, tile_size_px, tile_size_px, tile_size_px * ds,
+                                math.nan, math.nan, "unknown")
+        want = target_mpp / mpp  # level-0 px per output px
+        level = self.best_level(want)
+        ds = self.level_downsamples[level]
+        if abs(ds - want) <= LEVEL_TOLERANCE * want:
+            ds_eff, read = ds, tile_size_px
+        else:
+            ds_eff, read = want, int(round(tile_size_px * want / ds))
+        return TileGeometry(level, ds, read, tile_size_px, tile_size_px * ds_eff,
+                            mpp * ds_eff, mpp, source)
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_rgb(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray:
+        """(size, size, 3) uint8 at `level`, top-left at level-0 (x0, y0); transparent
+        (outside-slide) pixels become white, as on glass."""
+        try:
+            rgba = self._osr.read_region((int(x0), int(y0)), int(level), (size_px, size_px))
+        except Exception as exc:
+            raise SlideError(f"{self.path}: read_region failed at ({x0}, {y0}): {exc}") from None
+        return _rgba_to_rgb(np.asarray(rgba))
+
+    def read_tile(self, x0: int, y0: int, geom: TileGeometry) -> np.ndarray:
+        """The tile at level-0 (x0, y0) as (tile_size_px, tile_size_px, 3) uint8."""
+        arr = self.read_rgb(x0, y0, geom.level, geom.read_size_px)
+        if geom.read_size_px != geom.tile_size_px:
+            img = Image.fromarray(arr)
+            resample = (Image.Resampling.BOX if geom.read_size_px > geom.tile_size_px
+                        else Image.Resampling.BILINEAR)
+            arr = np.asarray(img.resize((geom.tile_size_px, geom.tile_size_px), resample))
+        return arr
+
+    def low_res_image(self, downsample: float) -> tuple[np.ndarray, float]:
+        """The whole slide at roughly `downsample` (level-0 px per output px), read from the
+        best pyramid level and shrunk. Returns (rgb uint8, exact downsample per axis used).
+        Never reads level 0 unless the slide has no coarser level fine for the request."""
+        level = self.best_level(downsample)
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > 40_000 * 40_000:
+            raise SlideError(
+                f"{self.path}: no pyramid level coarse enough for a {downsample:.1f}x overview "
+                f"(coarsest is {self.level_dimensions[-1]}); convert it to a pyramidal format"
+            )
+        try:
+            img = self._osr.read_region((0, 0), level, (lw, lh))
+        except Exception as exc:
+            raise SlideError(f"{self.path}: reading level {level} failed: {exc}") from None
+        arr = _rgba_to_rgb(np.asarray(img))
+        out_w = max(1, int(round(self.dimensions[0] / downsample)))
+        out_h = max(1, int(round(self.dimensions[1] / downsample)))
+        if (out_w, out_h) != (lw, lh):
+            arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BOX))
+        return arr, self.dimensions[0] / out_w
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide gives premultiplied RGBA; composite onto white."""
+    if rgba.ndim == 3 and rgba.shape[2] == 4:
+        rgb = rgba[..., :3].astype(np.uint16)
+        a = rgba[..., 3:4].astype(np.uint16)
+        out = rgb + (255 - a)  # premultiplied: colour + (1 - alpha) * white
+        return np.clip(out, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgba[..., :3]).astype(np.uint8)
