@@ -46,5 +46,10 @@ class Paths:
     def label_file(self, slide_id: str) -> Path:
         return self.labels / f"{slide_id}.h5"
 
-    def feature_file(self, slide_id: str) -> Path:
-        return self.features / f"{slide_id}.h5"
+    def feature_file(self, slide_id: str, variant: str = "") -> Path:
+        """variant "" = Separate Learning features; "e2e" / "frozen" = those extractors'."""
+        folder = self.features if not variant else self._p("data", f"features_{variant}")
+        return folder / f"{slide_id}.h5"
+
+    def prediction_file(self, method: str, slide_id: str) -> Path:
+        return self._p("data", "predictions", method, f"{slide_id}.h5")

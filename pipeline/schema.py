@@ -102,3 +102,17 @@ FEATURE_ATTRS = (
     "tile_params_json",
     "slide_id",
 )
+
+# per-tile predictions of one method, data/predictions/<method>/<slide_id>.h5
+#   tumor_prob (N,) float32 aligned with the tile index (every tile, nolabel included — paper:
+#   "the tumor/normal prediction is also assigned to the nolabel patches"); tiles a method could
+#   not see (off a centered canvas) get NaN and are counted in attr n_unpredicted.
+METHODS = ("classifier", "separate", "e2e", "seg_only", "frozen")
+PRED_ATTRS = (
+    "schema_version",
+    "params_hash",
+    "method",
+    "model_sha256",     # checkpoint(s) that produced the predictions
+    "slide_id",
+    "n_unpredicted",
+)
