@@ -1,0 +1,473 @@
+"""Synthetic H&E-like whole-slide images of known geometry: the demo data set and test fixtures.
+
+Two layers:
+  * `SlideSpec` + `render_slide` / `write_slide`: render ONE slide from explicit polygons
+    (tissue lumps, annotated tumor, annotated exclusions, plus unannotated look-alikes, normal
+    islands and lymphoid follicles). Tests elsewhere use this to build slides of known geometry.
+  * `plan_slide`: random CAMELYON-style geometry for a wanted slide class (negative/itc/micro/
+    macro), used by the demo-data stage.
+
+Appearance is built in optical-density space (Beer-Lambert, typical H&E stain vectors), so
+colours mix like stains do. Tumor vs normal differ in nuclear size/density/darkness and stroma
+colour, driven by a "tumor-likeness" field t in [0, 1] computed on a coarse (4 um) grid. Single
+patches are ambiguous on purpose: tumor has paler low-t areas and small normal-looking islands
+(still labelled tumor), normal tissue has small isolated tumor-like clusters (labelled normal)
+and dense lymphoid follicles, so a model that sees the neighbourhood can beat a patch classifier.
+
+Speed: everything is vectorised; nuclei are stamped offset-by-offset (a loop over stamp pixels,
+never over nuclei), textures are made on the coarse grid and upsampled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.path import Path as MplPath
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from pipeline.annotations import write_asap_xml
+from pipeline.io import atomic_path
+from pipeline.tiff import write_pyramidal_tiff
+
+# Optical-density vectors of haematoxylin and eosin (unit length; typical Macenko estimates).
+H_OD = np.array([0.5626, 0.7201, 0.4062])
+E_OD = np.array([0.2159, 0.8012, 0.5581])
+GLASS_OD = 0.035  # background glass / mounting medium: very light grey
+H_MAX_OD = 3.0  # stain concentrations are quantised to uint8 over [0, *_MAX_OD]
+E_MAX_OD = 1.5
+COARSE_UM = 4.0  # grid of the tumor-likeness field and stroma textures
+
+# CAMELYON17 slide classes from the largest metastasis' longest diameter (um).
+MACRO_MIN_UM = 2000.0
+MICRO_MIN_UM = 200.0
+
+
+@dataclass(frozen=True)
+class NucleusStyle:
+    """Nuclei of one tissue type: radius range (um), max aspect ratio, haematoxylin OD range,
+    and the fraction of area they cover."""
+
+    radius_um: tuple[float, float]
+    aspect_max: float
+    od: tuple[float, float]
+    coverage: float
+
+
+# Tumor: larger, denser, darker nuclei. Normal: small lymphocyte-like nuclei, sparser.
+NORMAL_NUCLEI = NucleusStyle((2.2, 3.4), 1.3, (0.85, 1.25), 0.17)
+TUMOR_NUCLEI = NucleusStyle((3.6, 6.0), 1.7, (1.25, 1.75), 0.36)
+FOLLICLE_DENSITY_GAIN = 0.9  # follicles: +90 % normal nuclei (dark but small: a decoy)
+
+
+@dataclass(frozen=True, eq=False)
+class SlideSpec:
+    """Geometry of one synthetic slide. Polygons are (K, 2) float arrays of level-0 x, y px.
+
+    tumor / exclusions are what the annotation file holds (ASAP groups _0 / _2); lookalikes
+    (tumor-like clusters in normal tissue), normal_islands (normal-looking spots inside tumor,
+    still tumor by annotation) and follicles (dense lymphoid aggregates) are only rendered.
+    """
+
+    width_px: int
+    height_px: int
+    mpp: float
+    seed: int
+    tissue: tuple[np.ndarray, ...]
+    tumor: tuple[np.ndarray, ...] = ()
+    exclusions: tuple[np.ndarray, ...] = ()
+    lookalikes: tuple[np.ndarray, ...] = ()
+    normal_islands: tuple[np.ndarray, ...] = ()
+    follicles: tuple[np.ndarray, ...] = ()
+    stain_scale: tuple[float, float] = (1.0, 1.0)  # per-slide H, E intensity (stain variation)
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- geometry
+def blob_polygon(
+    center_xy: Sequence[float],
+    radii_xy: Sequence[float],
+    angle_rad: float,
+    roughness: float,
+    rng: np.random.Generator,
+    n_vertices: int = 96,
+) -> np.ndarray:
+    """An irregular blob: an ellipse whose radius is modulated by random low harmonics
+    (k = 2..6, total relative amplitude <= `roughness`), rotated by `angle_rad`."""
+    theta = np.linspace(0.0, 2 * np.pi, n_vertices, endpoint=False)
+    ks = np.arange(2, 7)
+    amp = rng.random(ks.size) / ks
+    amp *= roughness / max(amp.sum(), 1e-12)
+    phase = rng.uniform(0, 2 * np.pi, ks.size)
+    mod = 1.0 + (amp[:, None] * np.cos(ks[:, None] * theta[None] + phase[:, None])).sum(0)
+    x = radii_xy[0] * mod * np.cos(theta)
+    y = radii_xy[1] * mod * np.sin(theta)
+    c, s = math.cos(angle_rad), math.sin(angle_rad)
+    return np.stack([center_xy[0] + c * x - s * y, center_xy[1] + s * x + c * y], axis=1)
+
+
+def longest_diameter(poly: np.ndarray) -> float:
+    """Largest distance between two vertices of a polygon (same units as the vertices)."""
+    p = np.asarray(poly, dtype=float)
+    d = p[:, None, :] - p[None, :, :]
+    return float(np.sqrt((d**2).sum(-1)).max())
+
+
+def slide_label(tumor_polygons: Sequence[np.ndarray], mpp: float) -> str:
+    """CAMELYON17 slide class from the largest tumor's longest diameter: > 2000 um macro,
+    > 200 um micro, else itc; no tumor polygons: negative."""
+    if len(tumor_polygons) == 0:
+        return "negative"
+    d_um = max(longest_diameter(p) for p in tumor_polygons) * mpp
+    return "macro" if d_um > MACRO_MIN_UM else "micro" if d_um > MICRO_MIN_UM else "itc"
+
+
+def _scaled(poly: np.ndarray, factor: float) -> np.ndarray:
+    c = poly.mean(0)
+    return c + (poly - c) * factor
+
+
+def _radius(poly: np.ndarray) -> float:
+    return float(np.sqrt(((poly - poly.mean(0)) ** 2).sum(1)).max())
+
+
+def _place(
+    rng: np.random.Generator,
+    container: np.ndarray,
+    diameter: float,
+    aspect_max: float,
+    roughness: float,
+    margin: float,
+    avoid: Sequence[tuple[np.ndarray, float]] = (),
+    tries: int = 300,
+    n_vertices: int = 96,
+) -> np.ndarray | None:
+    """Random blob of longest diameter `diameter` lying inside `container` with `margin` to
+    spare, and with its circumcircle >= gap away from each (center, radius + gap) in `avoid`.
+    None when no position was found in `tries` attempts."""
+    lo, hi = container.min(0), container.max(0)
+    path = MplPath(container)
+    for _ in range(tries):
+        center = rng.uniform(lo, hi)
+        # cheap rejects before building the blob (its circumradius is >= diameter / 2)
+        if not path.contains_point(center) or any(
+            np.hypot(*(center - c)) < diameter / 2 + rc for c, rc in avoid
+        ):
+            continue
+        aspect = rng.uniform(1.0, aspect_max)
+        shape = blob_polygon((0, 0), (aspect, 1.0), rng.uniform(0, np.pi), roughness, rng,
+                             n_vertices)
+        shape *= diameter / longest_diameter(shape)
+        poly = shape + center
+        r = _radius(poly)
+        if any(np.hypot(*(poly.mean(0) - c)) < r + rc for c, rc in avoid):
+            continue
+        if path.contains_points(_scaled(poly, 1 + margin / max(r, 1e-9))).all():
+            return poly
+    return None
+
+
+def _lump_cells(rng: np.random.Generator, n: int, side: float, big_first: bool) -> list:
+    """Split the square slide into n strips (x0, y0, w, h), one tissue lump per strip."""
+    if n == 1:
+        fr = np.array([1.0])
+    elif big_first:
+        fr = np.array([0.62] + [0.38 / (n - 1)] * (n - 1))
+    else:
+        fr = rng.dirichlet(np.full(n, 8.0))
+        fr = np.maximum(fr, 0.22)
+        fr /= fr.sum()
+    fr = fr[rng.permutation(n)] if not big_first else fr
+    edges = np.concatenate([[0], np.cumsum(fr)]) * side
+    vertical = rng.random() < 0.5
+    return [(0.0, a, side, b - a) if vertical else (a, 0.0, b - a, side)
+            for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def plan_slide(
+    label: str,
+    slide_um: float,
+    mpp: float,
+    rng: np.random.Generator,
+) -> SlideSpec:
+    """Random CAMELYON-style geometry aiming at slide class `label` (negative/itc/micro/macro).
+
+    The class actually reached follows from the placed tumors (`slide_label(spec.tumor, mpp)`):
+    a macro tumor that does not fit a small slide is shrunk until it fits.
+    """
+    if label not in ("negative", "itc", "micro", "macro"):
+        raise ValueError(f"unknown slide label {label!r}")
+    size_px = int(round(slide_um / mpp))
+    um = 1.0 / mpp  # px per um
+    side = size_px
+
+    # -- tissue lumps: 1-3 blobs, each inside its own strip of the slide (never overlapping)
+    n_lumps = int(rng.choice([1, 2], p=[0.5, 0.5]) if label == "macro"
+                  else rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    cells = _lump_cells(rng, n_lumps, side, big_first=(label == "macro" and n_lumps > 1))
+    lumps = []
+    for x0, y0, w, h in cells:
+        # 0.41 semi-axis * (1 + 0.15 roughness) + 0.025 jitter < 0.5: stays inside its strip
+        cx = x0 + w * (0.5 + rng.uniform(-0.025, 0.025))
+        cy = y0 + h * (0.5 + rng.uniform(-0.025, 0.025))
+        radii = (0.41 * w * rng.uniform(0.93, 1.0), 0.41 * h * rng.uniform(0.93, 1.0))
+        lumps.append(blob_polygon((cx, cy), radii, 0.0, 0.15, rng, n_vertices=160))
+    areas = [float(np.ptp(p[:, 0]) * np.ptp(p[:, 1])) for p in lumps]
+    main_lump = lumps[int(np.argmax(areas))]
+
+    # -- tumors: the main one sets the class; satellites are smaller classes
+    targets: list[float] = []
+    if label == "macro":
+        targets = [rng.uniform(2200, 2900)]
+        targets += [rng.uniform(300, 900) if rng.random() < 0.6 else rng.uniform(80, 170)
+                    for _ in range(rng.integers(0, 3))]
+    elif label == "micro":
+        targets = [rng.uniform(350, 1800)]
+        targets += [rng.uniform(80, 170) for _ in range(rng.integers(0, 2))]
+    elif label == "itc":
+        targets = [rng.uniform(80, 170) for _ in range(rng.integers(1, 4))]
+    tumors: list[np.ndarray] = []
+    for i, d_um in enumerate(targets):
+        homes = [main_lump] if i == 0 else [lumps[j] for j in rng.permutation(len(lumps))]
+        avoid = [(t.mean(0), _radius(t) + 200 * um) for t in tumors]
+        poly = None
+        # no blob fits wider than ~0.85 of its home: start there on small slides
+        d = min(d_um * um, 0.85 * min(np.ptp(h, 0).min() for h in homes))
+        for _ in range(8):  # shrink until it fits
+            for home in homes:
+                poly = _place(rng, home, d, 1.6, 0.25 if d_um > 250 else 0.15, 40 * um, avoid,
+                              n_vertices=96 if d_um > 250 else 32)
+                if poly is not None:
+                    break
+            if poly is not None:
+                break
+            d *= 0.88
+        if poly is not None:
+            tumors.append(poly)
+
+    # -- exclusions (annotated normal inside tumor) and normal-looking islands (not annotated)
+    exclusions: list[np.ndarray] = []
+    islands: list[np.ndarray] = []
+    for t in tumors:
+        d_um = longest_diameter(t) / um
+        taken: list[tuple[np.ndarray, float]] = []
+        n_exc = 0 if d_um < 1000 else int(rng.integers(1, 3) if d_um > 2000 else rng.integers(0, 2))
+        for _ in range(n_exc):
+            e = _place(rng, t, min(rng.uniform(350, 650), 0.35 * d_um) * um, 1.5, 0.2, 60 * um,
+                       taken, tries=200, n_vertices=48)
+            if e is not None:
+                exclusions.append(e)
+                taken.append((e.mean(0), _radius(e) + 150 * um))
+        n_isl = 0 if d_um < 1000 else int(rng.integers(1, 5))
+        for _ in range(n_isl):
+            s = _place(rng, t, rng.uniform(200, 300) * um, 1.4, 0.15, 80 * um, taken, tries=200,
+                       n_vertices=32)
+            if s is not None:
+                islands.append(s)
+                taken.append((s.mean(0), _radius(s) + 150 * um))
+
+    # -- tumor-like look-alike clusters in normal tissue, isolated and about one tile big
+    look: list[np.ndarray] = []
+    avoid = [(t.mean(0), _radius(t) + 450 * um) for t in tumors]
+    for _ in range(int(rng.integers(3, 8))):
+        home = lumps[int(rng.integers(len(lumps)))]
+        p = _place(rng, home, rng.uniform(180, 340) * um, 1.5, 0.2, 30 * um, avoid, tries=100,
+                   n_vertices=32)
+        if p is not None:
+            look.append(p)
+            avoid.append((p.mean(0), _radius(p) + 300 * um))
+
+    # -- lymphoid follicles: dense small dark nuclei anywhere in normal tissue
+    follicles: list[np.ndarray] = []
+    for home in lumps:
+        for _ in range(int(rng.integers(1, 5))):
+            p = _place(rng, home, rng.uniform(250, 600) * um, 1.3, 0.15, 20 * um, tries=50,
+                       n_vertices=48)
+            if p is not None:
+                follicles.append(p)
+
+    return SlideSpec(
+        width_px=size_px,
+        height_px=size_px,
+        mpp=mpp,
+        seed=int(rng.integers(2**63 - 1)),
+        tissue=tuple(lumps),
+        tumor=tuple(tumors),
+        exclusions=tuple(exclusions),
+        lookalikes=tuple(look),
+        normal_islands=tuple(islands),
+        follicles=tuple(follicles),
+        stain_scale=(float(rng.uniform(0.88, 1.12)), float(rng.uniform(0.85, 1.15))),
+        meta={"target_label": label},
+    )
+
+
+# ---------------------------------------------------------------------------------- rendering
+def _raster(polys: Sequence[np.ndarray], shape: tuple[int, int], scale: float,
+            values: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 raster (0/255 or the given per-polygon values) of polygons in px / `scale`."""
+    img = Image.new("L", (shape[1], shape[0]), 0)
+    draw = ImageDraw.Draw(img)
+    for i, p in enumerate(polys):
+        pts = [(float(x), float(y)) for x, y in np.asarray(p) / scale]
+        draw.polygon(pts, fill=255 if values is None else int(values[i]))
+    return np.asarray(img)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth noise of feature size ~`cell` grid px (made coarse, upsampled)."""
+    cell = max(cell, 1.0)
+    small = (max(2, int(np.ceil(shape[0] / cell)) + 2), max(2, int(np.ceil(shape[1] / cell)) + 2))
+    n = ndimage.gaussian_filter(rng.standard_normal(small).astype(np.float32), 1.0)
+    img = Image.fromarray(n, mode="F").resize((shape[1], shape[0]), Image.Resampling.BICUBIC)
+    a = np.asarray(img, dtype=np.float32)
+    return (a - a.mean()) / max(float(a.std()), 1e-6)
+
+
+def _upsample_u8(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    img = Image.fromarray(a, mode="L").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def _stamp_bank(rng: np.random.Generator, style: NucleusStyle, mpp: float, n: int = 12):
+    """n nucleus stamps: (flat-offset-ready dy, dx, value in [0, 1]) per stamp pixel."""
+    bank = []
+    for _ in range(n):
+        r = rng.uniform(*style.radius_um) / mpp
+        asp = rng.uniform(1.0, style.aspect_max)
+        a, b = r * math.sqrt(asp), r / math.sqrt(asp)
+        ang = rng.uniform(0, np.pi)
+        half = int(math.ceil(a)) + 1
+        dy, dx = np.mgrid[-half:half + 1, -half:half + 1]
+        u = dx * math.cos(ang) + dy * math.sin(ang)
+        v = -dx * math.sin(ang) + dy * math.cos(ang)
+        d = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        val = np.clip((1.0 - d) * min(a, b) + 0.5, 0.0, 1.0)  # ~1 px soft edge
+        val *= 0.78 + 0.22 * rng.random(val.shape)  # granular chromatin
+        keep = val > 0.02
+        bank.append((dy[keep], dx[keep], val[keep]))
+    return bank
+
+
+def _mean_area_px(style: NucleusStyle, mpp: float) -> float:
+    r = np.mean(style.radius_um) / mpp
+    return math.pi * r * r
+
+
+def _stain_lut(h_scale: float, e_scale: float) -> np.ndarray:
+    """(65536, 3) uint8: RGB of quantised (H, E) concentrations, index = H << 8 | E."""
+    h = np.arange(256) / 255.0 * H_MAX_OD * h_scale
+    e = np.arange(256) / 255.0 * E_MAX_OD * e_scale
+    od = h[:, None, None] * H_OD + e[None, :, None] * E_OD + GLASS_OD
+    return np.clip(255.0 * np.exp(-od) + 0.5, 0, 255).astype(np.uint8).reshape(-1, 3)
+
+
+def render_slide(spec: SlideSpec) -> np.ndarray:
+    """Render `spec` to an (H, W, 3) uint8 RGB image; deterministic given spec.seed."""
+    rng = np.random.default_rng(spec.seed)
+    H, W, mpp = spec.height_px, spec.width_px, spec.mpp
+    f = max(1, int(round(COARSE_UM / mpp)))  # full-res px per coarse px
+    lo_shape = (-(-H // f), -(-W // f))
+    lo_um = f * mpp
+
+    # -- tumor-likeness t and follicle field on the coarse grid
+    def coarse(polys, values=None):
+        return _raster(polys, lo_shape, f, values).astype(np.float32) / 255.0
+
+    tumor = coarse(spec.tumor) * (1 - coarse(spec.exclusions)) * (1 - coarse(spec.normal_islands))
+    dips = np.clip(_smooth_noise(rng, lo_shape, 150 / lo_um) - 0.5, 0, 1.5) / 1.5
+    t = tumor * (1.0 - 0.45 * dips)  # paler, less tumor-like areas inside tumor
+    look_levels = rng.uniform(0.8, 1.0, len(spec.lookalikes)) * 255
+    t = np.maximum(t, coarse(spec.lookalikes, look_levels))
+    t = ndimage.gaussian_filter(t, 6 / lo_um)
+    bumps = np.clip(_smooth_noise(rng, lo_shape, 120 / lo_um) - 1.0, 0, 1)
+    t = np.clip(np.maximum(t, 0.3 * bumps), 0, 1)  # mildly atypical patches in normal tissue
+    fol = ndimage.gaussian_filter(coarse(spec.follicles), 15 / lo_um) * (1 - t)
+    tissue_lo = coarse(spec.tissue) > 0.5
+    capsule = tissue_lo & ~ndimage.binary_erosion(tissue_lo, iterations=max(1, round(15 / lo_um)))
+
+    # -- stroma H / E concentrations (coarse), with texture, quantised then upsampled
+    tex = _smooth_noise(rng, lo_shape, 2.0)
+    h_str = (0.10 + 0.26 * t + 0.10 * fol) * (1 + 0.08 * _smooth_noise(rng, lo_shape, 3.0))
+    e_str = (0.56 - 0.30 * t) * (1 + 0.16 * tex) + 0.25 * capsule
+    hq = _upsample_u8(np.clip(h_str / H_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
+    eq = _upsample_u8(np.clip(e_str / E_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
+    tissue = _raster(spec.tissue, (H, W), 1.0) > 0
+
+    # -- nuclei: inhomogeneous Poisson process by thinning, type drawn from t at the centre
+    lam_n = NORMAL_NUCLEI.coverage / _mean_area_px(NORMAL_NUCLEI, mpp)
+    lam_t = TUMOR_NUCLEI.coverage / _mean_area_px(TUMOR_NUCLEI, mpp)
+    lam_max = max(lam_n * (1 + FOLLICLE_DENSITY_GAIN), lam_t)
+    n_cand = int(rng.poisson(lam_max * H * W))
+    ys = rng.integers(0, H, n_cand)
+    xs = rng.integers(0, W, n_cand)
+    u1, u2 = rng.random(n_cand), rng.random(n_cand)
+    keep = tissue[ys, xs]
+    ys, xs, u1, u2 = ys[keep], xs[keep], u1[keep], u2[keep]
+    ty, tx = ys // f, xs // f
+    tl, fl, cl = t[ty, tx], fol[ty, tx], capsule[ty, tx]
+    lam = (lam_n * (1 + FOLLICLE_DENSITY_GAIN * fl) * (1 - tl) + lam_t * tl) * (1 - 0.7 * cl)
+    keep = u1 * lam_max < lam
+    ys, xs, tl, u2 = ys[keep], xs[keep], tl[keep], u2[keep]
+    is_tumor = u2 < tl
+
+    banks = [_stamp_bank(rng, NORMAL_NUCLEI, mpp), _stamp_bank(rng, TUMOR_NUCLEI, mpp)]
+    pad = 2 + max(int(np.abs(dy).max()) for bank in banks for dy, _, _ in bank)
+    Wp = W + 2 * pad
+    nuc = np.zeros((H + 2 * pad) * Wp, dtype=np.uint8)
+    centers = (ys + pad) * Wp + (xs + pad)
+    sid = rng.integers(0, 12, centers.size)
+    for kind, (style, bank) in enumerate(zip((NORMAL_NUCLEI, TUMOR_NUCLEI), banks, strict=True)):
+        sel_kind = is_tumor == bool(kind)
+        for s, (dy, dx, val) in enumerate(bank):
+            c = np.unique(centers[sel_kind & (sid == s)])  # unique: one write per px per offset
+            q = rng.uniform(*style.od, c.size).astype(np.float32) * (255 / H_MAX_OD)
+            for oy, ox, v in zip(dy, dx, val, strict=True):
+                idx = c + (oy * Wp + ox)
+                # max, not sum: overlapping nuclei do not get darker than one nucleus
+                nuc[idx] = np.maximum(nuc[idx], (v * q).astype(np.uint8))
+    nuc = nuc.reshape(H + 2 * pad, Wp)[pad:pad + H, pad:pad + W]
+
+    # -- compose in quantised concentration space, then one LUT lookup to RGB
+    grain = rng.integers(0, 13, (H, W), dtype=np.uint8)
+    h = hq.astype(np.int16)
+    h += nuc
+    h += grain
+    h -= 6
+    # nuclei displace eosin; uint16 holds 255 * 256 (int16 would overflow)
+    e = ((eq.astype(np.uint16) * (256 - (nuc.astype(np.uint16) * 3 >> 2))) >> 8).astype(np.int16)
+    e += grain[::-1]
+    e -= 6
+    h = np.where(tissue, h, grain >> 2)  # glass: faint grain only
+    e = np.where(tissue, e, grain[:, ::-1] >> 2)
+    np.clip(h, 0, 255, out=h)
+    np.clip(e, 0, 255, out=e)
+    idx = (h.astype(np.uint16) << 8) | e.astype(np.uint16)
+    return _stain_lut(*spec.stain_scale)[idx]
+
+
+def n_levels_for(size_px: int, min_px: int = 256) -> int:
+    """Pyramid depth: halve until the smallest level is about `min_px`, but at least 3 levels."""
+    return max(3, 1 + int(math.floor(math.log2(max(size_px, 1) / min_px))))
+
+
+def write_slide(
+    spec: SlideSpec,
+    slide_path: str | Path,
+    annotation_path: str | Path | None = None,
+    jpeg_quality: int = 85,
+) -> np.ndarray:
+    """Render `spec`, write it as a pyramidal tiled TIFF (atomically) and, when
+    `annotation_path` is given, its tumor / exclusion polygons as ASAP XML. Returns the RGB."""
+    rgb = render_slide(spec)
+    with atomic_path(slide_path) as tmp:
+        write_pyramidal_tiff(tmp, rgb, spec.mpp,
+                             n_levels=n_levels_for(min(spec.width_px, spec.height_px)),
+                             jpeg_quality=jpeg_quality)
+    if annotation_path is not None:
+        write_asap_xml(annotation_path, spec.tumor, spec.exclusions)
+    return rgb
