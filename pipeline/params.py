@@ -86,6 +86,7 @@ class UNetParams(_Section):
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
+    augment: bool = True
 
 
 class E2EParams(_Section):

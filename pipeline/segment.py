@@ -1,0 +1,197 @@
+"""The segmentation model on whole-slide feature maps: loading a slide's features onto its
+map(s), training the U-Net, and predicting every tile. Shared by train-unet, the frozen-feature
+baseline, e2e-finetune, evaluate and predict, so the placement and prediction code exists once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.featuremap import (
+    MapLayout,
+    build_layouts,
+    gather,
+    label_map,
+    masked_ce_sum_count,
+    place,
+    random_crop,
+)
+from pipeline.io import atomic_h5, write_json_atomic, write_text_atomic
+from pipeline.log import get_logger, progress
+from pipeline.params import Params
+from pipeline.runtime import TrainingError, check_finite
+from pipeline.schema import FEATURES, GRID, LABEL, LUMP_ID, TUMOR_PROB
+from pipeline.unet import UNet
+
+log = get_logger("pipeline.segment")
+
+
+@dataclass
+class SlideMaps:
+    """One slide's features and labels, and where its tiles sit on its map(s)."""
+
+    slide_id: str
+    features: np.ndarray  # (N, D) float32, tile order
+    labels: np.ndarray  # (N,) int8 schema labels
+    grid: np.ndarray  # (N, 2)
+    tumor_prob: np.ndarray  # (N,) the extractor's own probability
+    layouts: list[MapLayout]
+
+    @property
+    def n_outside(self) -> int:
+        return sum(lay.n_outside for lay in self.layouts)
+
+
+def slide_layouts(grid: np.ndarray, lump_id: np.ndarray, params: Params) -> list[MapLayout]:
+    fm = params.featuremap
+    return build_layouts(grid, lump_id, fm.size, fm.mode, fm.per_lump, params.unet.depth)
+
+
+def load_slide_maps(feature_file: Path, slide_id: str, params: Params) -> SlideMaps:
+    if not feature_file.is_file():
+        raise PipelineError(f"{feature_file}: feature file not found; run extract-features")
+    with h5py.File(feature_file, "r") as f:
+        feats = np.asarray(f[FEATURES][...], np.float32)
+        labels = np.asarray(f[LABEL][...], np.int8)
+        grid = np.asarray(f[GRID][...])
+        lump = np.asarray(f[LUMP_ID][...])
+        prob = np.asarray(f[TUMOR_PROB][...], np.float32)
+    layouts = slide_layouts(grid, lump, params)
+    maps = SlideMaps(slide_id, feats, labels, grid, prob, layouts)
+    if maps.n_outside:
+        log.warning("slide %s: %d of %d tissue tiles fall outside the %dx%d canvas "
+                    "(featuremap.mode=centered); use featuremap.mode=full or a larger size",
+                    slide_id, maps.n_outside, len(grid), params.featuremap.size,
+                    params.featuremap.size)
+    return maps
+
+
+def map_tensors(maps: SlideMaps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(feature map (D, H, W), target (H, W)) per layout."""
+    x = torch.from_numpy(maps.features)
+    return [(place(x[lay.tile_index], lay), label_map(maps.labels[lay.tile_index], lay))
+            for lay in maps.layouts]
+
+
+def _dihedral(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+    """Random rot90 / flip of a map and its target: the tile grid has no preferred orientation."""
+    k = int(torch.randint(4, (1,), generator=g))
+    x, y = torch.rot90(x, k, (-2, -1)), torch.rot90(y, k, (-2, -1))
+    if int(torch.randint(2, (1,), generator=g)):
+        x, y = torch.flip(x, (-1,)), torch.flip(y, (-1,))
+    return x, y
+
+
+def _batches(pairs, batch_size: int, crop: int | None, g: torch.Generator, augment: bool):
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    for s in range(0, len(order), batch_size):
+        xs, ys = [], []
+        for i in order[s : s + batch_size]:
+            x, y = pairs[i]
+            if crop is not None:
+                x, y = random_crop(x, y, crop, g)
+            if augment:
+                x, y = _dihedral(x, y, g)
+            xs.append(x)
+            ys.append(y)
+        yield torch.stack(xs), torch.stack(ys)
+
+
+def _loss_over(unet: UNet, pairs, device) -> float:
+    """Mean CE over all labelled positions of the given maps (eval mode, one map at a time since
+    full-mode maps differ in size)."""
+    unet.eval()
+    tot, cnt = 0.0, 0
+    with torch.no_grad():
+        for x, y in pairs:
+            s, c = masked_ce_sum_count(unet(x[None].to(device)), y[None].to(device))
+            tot, cnt = tot + s.item(), cnt + int(c)
+    return tot / cnt if cnt else float("nan")
+
+
+def train_unet(
+    train_maps: Sequence[SlideMaps], val_maps: Sequence[SlideMaps], params: Params,
+    device: torch.device, desc: str = "unet",
+) -> tuple[UNet, list[tuple], int]:
+    """Train the U-Net (Adam, masked softmax CE) on the train maps; keep the weights with the
+    lowest val loss. Returns (model on CPU, per-epoch rows, best epoch)."""
+    up = params.unet
+    in_ch = train_maps[0].features.shape[1]
+    torch.manual_seed(params.seed)
+    g = torch.Generator().manual_seed(params.seed)
+    unet = UNet(in_channels=in_ch, depth=up.depth, width=up.width).to(device)
+    opt = torch.optim.Adam(unet.parameters(), lr=up.lr)
+    train_pairs = [p for m in train_maps for p in map_tensors(m)]
+    val_pairs = [p for m in val_maps for p in map_tensors(m)]
+    train_pairs = [p for p in train_pairs if bool((p[1] >= 0).any())]
+    if not train_pairs:
+        raise TrainingError("train-unet: no labelled tiles on any train feature map")
+    crop = params.featuremap.crop if params.featuremap.mode == "full" else None
+    rows, best, best_state, best_epoch = [], float("inf"), None, -1
+    for epoch in progress(range(up.epochs), desc=desc, unit="epoch"):
+        unet.train()
+        tot, cnt = 0.0, 0
+        for b, (x, y) in enumerate(_batches(train_pairs, up.batch_size, crop, g, up.augment)):
+            s, c = masked_ce_sum_count(unet(x.to(device)), y.to(device))
+            loss = s / c.clamp(min=1)
+            check_finite(loss, desc, epoch, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, cnt = tot + s.item(), cnt + int(c)
+        train_loss = tot / max(cnt, 1)
+        val_loss = _loss_over(unet, val_pairs, device) if val_pairs else train_loss
+        rows.append((epoch, train_loss, val_loss))
+        if val_loss < best:
+            best, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unet.state_dict().items()})
+    unet.load_state_dict(best_state)
+    log.info("%s: best epoch %d, val loss %.4f (last train loss %.4f)", desc, best_epoch, best,
+             rows[-1][1])
+    return unet.cpu(), rows, best_epoch
+
+
+@torch.no_grad()
+def predict_tiles(
+    unet: UNet, features: np.ndarray, layouts: Sequence[MapLayout], device: torch.device
+) -> np.ndarray:
+    """U-Net tumor probability for every tile (N,), NaN for tiles on no map. Every tile on a map
+    gets a prediction, nolabel ones included (paper §4.1)."""
+    unet.eval()
+    out = np.full(features.shape[0], np.nan, np.float32)
+    x = torch.from_numpy(np.asarray(features, np.float32))
+    for lay in layouts:
+        fmap = place(x[lay.tile_index], lay)[None].to(device)
+        prob = torch.softmax(unet(fmap)[0].float(), 0)
+        out[lay.tile_index] = gather(prob, lay)[:, 1].cpu().numpy()
+    return out
+
+
+def write_predictions(
+    path: Path, tumor_prob: np.ndarray, method: str, slide_id: str, params_hash: str,
+    model_sha256: str,
+) -> None:
+    with atomic_h5(path) as f:
+        f.create_dataset(TUMOR_PROB, data=np.asarray(tumor_prob, np.float32))
+        f.attrs["params_hash"] = params_hash
+        f.attrs["method"] = method
+        f.attrs["model_sha256"] = model_sha256
+        f.attrs["slide_id"] = slide_id
+        f.attrs["n_unpredicted"] = int(np.isnan(tumor_prob).sum())
+
+
+def write_curves(path: Path, rows: Sequence[tuple], header: str) -> None:
+    write_text_atomic(path, header + "\n" + "".join(
+        ",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows))
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    write_json_atomic(path, metrics)
