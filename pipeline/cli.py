@@ -27,6 +27,7 @@ STAGES = {
     "train-unet": "train_unet",
     "e2e-finetune": "e2e_finetune",
     "train-seg-only": "train_seg_only",
+    "train-frozen": "train_frozen",
     "evaluate": "evaluate",
     "predict": "predict",
 }
