@@ -1,0 +1,178 @@
+"""Stage `e2e-finetune`: End-to-End Learning (paper §3.2.2) from the Separate Learning weights.
+
+For every train slide (seeded order per epoch): stream its patches in chunks of e2e.chunk_size
+from the tile index (DataLoader workers prefetch the next chunk), forward the extractor without
+a graph, lay the 16-d features on the map, U-Net forward/backward, keep dL/dx, re-stream the
+same chunks WITH a graph and backprop L' = sum <dL/dx, x>; then one Adam step per model
+(lr e2e.lr_fe / e2e.lr_seg). The gradient is exact (pipeline/e2e.py says how: extractor
+BatchNorm frozen, dropout and augmentation replayed per chunk). The U-Net runs in eval mode
+(frozen BatchNorm statistics, like the extractor): a lone slide map is a batch of one, whose
+statistics would otherwise overwrite the running ones learned on batches of maps.
+
+Writes models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json (metrics),
+reports/e2e.csv (per-epoch loss), data/features_e2e/<slide>.h5 (features of the finetuned
+extractor) and data/predictions/e2e/<slide>.h5.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from torchvision.transforms import v2
+
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
+from pipeline.data import slide_loader
+from pipeline.e2e import e2e_slide_step
+from pipeline.io import sha256_file
+from pipeline.log import get_logger, progress
+from pipeline.manifest import load_manifest
+from pipeline.models import load_extractor, load_unet, save_checkpoint
+from pipeline.params import Params, load_params
+from pipeline.paths import Paths
+from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
+from pipeline.segment import (
+    load_slide_maps,
+    predict_tiles,
+    write_curves,
+    write_metrics,
+    write_predictions,
+)
+from pipeline.stages.extract_features import extract_all
+
+log = get_logger("pipeline.e2e_finetune")
+
+
+def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, S, S) float pixels in 0..255 -> normalised model input. augment=False: centre crop
+    (as at inference); True: the paper's train augmentation, drawn per patch from torch's RNG
+    (e2e replays that RNG per chunk, so both passes see the same pixels)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    geo, col = geometric_transform(crop_px), color_transform()
+
+    def fn(px: torch.Tensor) -> torch.Tensor:
+        px = px / 255.0
+        if augment:
+            px = torch.stack([col(geo(p)) for p in px])
+        else:
+            px = v2.functional.center_crop(px, [crop_px, crop_px])
+        return (px - mean.to(px)) / std.to(px)
+
+    return fn
+
+
+def loader_chunks(tile_file: Path, chunk_size: int, workers: int, cache_file: Path | None):
+    """A chunk source for e2e: a DataLoader over the requested tiles in order, batch =
+    chunk_size (consecutive runs, as e2e requires), uint8 pixels as float."""
+
+    def chunks(indices: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        loader = slide_loader(tile_file, indices, chunk_size, workers, None, cache_file)
+        for px, idx in loader:
+            yield idx.numpy(), px.float()
+
+    return chunks
+
+
+def run(params: Params, paths: Paths) -> dict:
+    t0 = time.time()
+    p = params.e2e
+    seed_everything(params.seed)
+    device = pick_device()
+    extractor, ext_meta = load_extractor(paths.models / "extractor.pt")
+    unet, unet_meta = load_unet(paths.models / "unet.pt")
+    extractor.to(device)
+    unet.to(device).eval()
+    opt_fe = torch.optim.Adam(extractor.parameters(), lr=p.lr_fe)
+    opt_seg = torch.optim.Adam(unet.parameters(), lr=p.lr_seg)
+    manifest = load_manifest(params.data.manifest)
+    train_ids = list(manifest.loc[manifest["split"] == "train", "slide_id"])
+    if not train_ids:
+        raise TrainingError(f"{params.data.manifest}: no train slides for e2e-finetune")
+    maps = {sid: load_slide_maps(paths.feature_file(sid), sid, params) for sid in train_ids}
+    augment = pixel_fn(params.extractor.crop_px, p.augment)
+    if p.backprop_fraction < 1:
+        log.warning("e2e.backprop_fraction=%.3f: the extractor gradient is an unbiased "
+                    "APPROXIMATION (a random subset of patches is re-forwarded)",
+                    p.backprop_fraction)
+    rows = []
+    rng = np.random.default_rng(params.seed)
+    for epoch in range(p.epochs):
+        order = rng.permutation(len(train_ids))
+        losses, n_ref, n_pat = [], 0, 0
+        for step, k in enumerate(progress(order, desc=f"e2e epoch {epoch + 1}/{p.epochs}",
+                                          unit="slide")):
+            sid = train_ids[int(k)]
+            m = maps[sid]
+            cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+            chunks = loader_chunks(paths.tile_file(sid), p.chunk_size, params.extractor.workers,
+                                   cache)
+            opt_fe.zero_grad(set_to_none=True)
+            opt_seg.zero_grad(set_to_none=True)
+            out = e2e_slide_step(
+                extractor, unet, chunks, m.layouts, m.labels, p.chunk_size,
+                seed=params.seed * 1_000_003 + epoch * 10_007 + int(k), augment=augment,
+                backprop_fraction=p.backprop_fraction,
+            )
+            check_finite(torch.tensor(out["loss"]), "e2e-finetune", epoch, step)
+            if out["n_labelled"] == 0:
+                continue
+            opt_fe.step()
+            opt_seg.step()
+            losses.append(out["loss"])
+            n_ref += out["n_reforwarded"]
+            n_pat += out["n_patches"]
+        rows.append((epoch, float(np.mean(losses)) if losses else float("nan"), n_pat, n_ref))
+        log.info("e2e epoch %d: mean slide loss %.5f, %d patches forwarded, %d re-forwarded",
+                 epoch, rows[-1][1], n_pat, n_ref)
+
+    ext_ckpt, unet_ckpt = paths.models / "e2e_extractor.pt", paths.models / "e2e_unet.pt"
+    save_checkpoint(ext_ckpt, extractor.cpu(), {**_keep(ext_meta), "e2e_params_json":
+                                                params.section_json("e2e")})
+    save_checkpoint(unet_ckpt, unet.cpu(), {**_keep(unet_meta), "e2e_params_json":
+                                            params.section_json("e2e")})
+    unet.to(device)
+    # Evaluation needs every slide's features from the finetuned extractor, and its U-Net maps.
+    feat_summary = extract_all(params, paths, ext_ckpt, variant="e2e")
+    sha = sha256_file(unet_ckpt)
+    for sid in manifest["slide_id"]:
+        ms = load_slide_maps(paths.feature_file(sid, "e2e"), sid, params)
+        prob = predict_tiles(unet, ms.features, ms.layouts, device)
+        write_predictions(paths.prediction_file("e2e", sid), prob, "e2e", sid,
+                          params.section_hash("featuremap", "unet", "e2e"), sha)
+        del ms, prob
+    write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
+    metrics = {
+        "train_loss_first_epoch": rows[0][1] if rows else float("nan"),
+        "train_loss_last_epoch": rows[-1][1] if rows else float("nan"),
+        "epochs": p.epochs, "lr_fe": p.lr_fe, "lr_seg": p.lr_seg,
+        "n_train_slides": len(train_ids), "seconds": round(time.time() - t0, 1),
+        "feature_extraction_seconds": feat_summary["seconds"],
+    }
+    write_metrics(paths.reports / "e2e.json", metrics)
+    log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv}",
+             ext_ckpt, unet_ckpt)
+    return metrics
+
+
+def _keep(meta: dict) -> dict:
+    """Meta of the source checkpoint minus the architecture keys save_checkpoint re-derives."""
+    return {k: v for k, v in meta.items() if k not in {"kind"}}
+
+
+def cli(
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
+) -> None:
+    """End-to-End finetuning of extractor + U-Net with the exact two-block gradient.
+
+    Reads: models/extractor.pt, models/unet.pt, the manifest, data/tiles/*.h5, data/features/*.h5
+    (labels and map layouts), the slides (or pixel caches); params seed, e2e.*, featuremap.*,
+    unet.depth, extractor.crop_px/workers, tile.cache_pixels.
+    Writes: models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json, reports/e2e.csv,
+    data/features_e2e/*.h5, data/predictions/e2e/*.h5.
+    """
+    run(load_params(params_file), Paths())
