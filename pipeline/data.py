@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ from pipeline.schema import (
     PIXELS,
     SCHEMA_VERSION,
 )
-from pipeline.slide import Slide, TileGeometry
+from pipeline.slide import Slide
+from pipeline.tileindex import TileIndex, _py, geometry_from_attrs, read_tile_index  # noqa: F401
 
 log = get_logger("pipeline.data")
 
@@ -54,83 +55,8 @@ CACHE_COMPRESSION: tuple[str | None, int | None] = ("lzf", None)
 # Open slide / cache handles kept per process (each OpenSlide handle holds decoder state).
 MAX_OPEN_HANDLES = 8
 
-_GEOMETRY_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "level": int,
-    "level_downsample": float,
-    "read_size_px": int,
-    "tile_size_px": int,
-    "tile_size_px_level0": float,
-    "tile_mpp": float,
-    "mpp": float,
-    "mpp_source": str,
-}
-
-
 class DataError(PipelineError):
     """A tile index, label file or pixel cache cannot be used; one line naming file and cause."""
-
-
-def _attr_str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def geometry_from_attrs(attrs: Mapping[str, Any], source: str = "tile index") -> TileGeometry:
-    """Rebuild the `TileGeometry` the tile stage used from the tile index's HDF5 attrs."""
-    missing = [k for k in _GEOMETRY_FIELDS if k not in attrs]
-    if missing:
-        raise DataError(f"{source}: attrs missing {', '.join(missing)}; rerun the tile stage")
-    kw = {}
-    for k, conv in _GEOMETRY_FIELDS.items():
-        v = attrs[k]
-        kw[k] = _attr_str(v) if conv is str else conv(v)
-    return TileGeometry(**kw)
-
-
-@dataclass(frozen=True, eq=False)
-class TileIndex:
-    """What the data path needs from data/tiles/<id>.h5, as plain Python/numpy (picklable)."""
-
-    path: Path
-    slide_id: str
-    slide_path: Path
-    params_hash: str
-    geometry: TileGeometry
-    coords: np.ndarray  # (N, 2) int64, level-0 x, y of the top-left corner
-
-    @property
-    def n(self) -> int:
-        return int(self.coords.shape[0])
-
-
-def read_tile_index(path: str | Path) -> TileIndex:
-    """Read a tile index's coords and attrs once (no h5py object is kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: tile index not found; run the tile stage")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-            if int(attrs.get("schema_version", -1)) != SCHEMA_VERSION:
-                raise DataError(
-                    f"{path}: schema_version {attrs.get('schema_version')} != {SCHEMA_VERSION}; "
-                    "rerun the tile stage"
-                )
-            if COORDS not in f:
-                raise DataError(f"{path}: no '{COORDS}' dataset; rerun the tile stage")
-            coords = np.asarray(f[COORDS][...], dtype=np.int64).reshape(-1, 2)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read tile index: {exc}") from None
-    geom = geometry_from_attrs(attrs, source=str(path))
-    if "slide_path" not in attrs:
-        raise DataError(f"{path}: attr slide_path missing; rerun the tile stage")
-    return TileIndex(
-        path=path,
-        slide_id=_attr_str(attrs.get("slide_id", path.stem)),
-        slide_path=Path(_attr_str(attrs["slide_path"])),
-        params_hash=_attr_str(attrs.get("params_hash", "")),
-        geometry=geom,
-        coords=coords,
-    )
 
 
 def pixel_cache_path(tile_file: str | Path) -> Path:
@@ -147,7 +73,7 @@ def check_pixel_cache(cache_path: str | Path, index: TileIndex) -> None:
     try:
         with h5py.File(cache_path, "r") as f:
             shape = f[PIXELS].shape if PIXELS in f else None
-            phash = _attr_str(f.attrs.get("params_hash", ""))
+            phash = str(_py(f.attrs.get("params_hash", "")))
             version = int(f.attrs.get("schema_version", -1))
     except OSError as exc:
         raise DataError(f"{cache_path}: cannot read pixel cache: {exc}") from None

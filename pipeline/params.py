@@ -39,6 +39,7 @@ class DemoParams(_Section):
 
 class DataParams(_Section):
     manifest: str = "data/demo/manifest.csv"
+    track: str = "data/demo"
 
 
 class TileParams(_Section):

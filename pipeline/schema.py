@@ -80,6 +80,7 @@ LABEL_ATTRS = (
     "schema_version",
     "params_hash",        # Params.section_hash("tile", "label")
     "annotation_path",    # "" for slides without annotations (all tissue normal)
+    "annotation_sha256",  # content hash: an annotation edited in place makes the labels stale
     "annotation_format",  # "asap_xml" | "geojson" | "mask" | "none"
     "raster_um",          # size of one raster pixel in um (or level-0 px when mpp unknown)
     "tumor_min",

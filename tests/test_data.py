@@ -48,6 +48,7 @@ from pipeline.schema import (
 )
 from pipeline.slide import Slide
 from pipeline.tiff import write_pyramidal_tiff
+from pipeline.tileindex import TileIndexError
 
 SLIDE_PX = 512
 TILE_PX = 64
@@ -85,6 +86,9 @@ def _write_tile_index(path: Path, slide_path: Path, tile_mpp: float, params_hash
         f.attrs["slide_path"] = str(slide_path)
         for k, v in geom.as_attrs().items():
             f.attrs[k] = v
+        f.attrs.update(params_json="{}", slide_width_px_level0=SLIDE_PX,
+                       slide_height_px_level0=SLIDE_PX, grid_rows=n_side, grid_cols=n_side,
+                       n_lumps=1)
     return geom, coords
 
 
@@ -133,7 +137,7 @@ def test_geometry_from_attrs_round_trips_and_names_missing(slides):
     assert geom == d["geom"]
     assert (geom.level, geom.read_size_px, geom.tile_size_px) == (0, 96, 64)
     assert slides[(0, "exact1")]["geom"].level == 1
-    with pytest.raises(DataError, match="read_size_px"):
+    with pytest.raises(TileIndexError, match="read_size_px"):
         geometry_from_attrs({"level": 0}, source="x.h5")
 
 
@@ -228,7 +232,8 @@ def test_bad_indices_and_missing_slide_name_the_file(slides, tmp_path):
         SlidePatchDataset(tf, indices=[0, n])
     gone = tmp_path / "gone.h5"
     with h5py.File(tf, "r") as src, h5py.File(gone, "w") as dst:
-        dst.create_dataset(COORDS, data=src[COORDS][...])
+        for name in src:
+            dst.create_dataset(name, data=src[name][...])
         dst.attrs.update(dict(src.attrs))
         dst.attrs["slide_path"] = str(tmp_path / "moved.tiff")
     with pytest.raises(DataError, match="moved.tiff not found"):

@@ -38,7 +38,7 @@ from pipeline.schema import (
     LUMP_ID,
     TUMOR_PROB,
 )
-from pipeline.stages.tile import read_tile_index
+from pipeline.tileindex import read_tile_index
 
 log = get_logger("pipeline.extract_features")
 

@@ -48,11 +48,12 @@ from pipeline.annotations import (
     sample_mask,
 )
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, atomic_path, h5_is_current
+from pipeline.io import atomic_h5, atomic_path, h5_is_current, sha256_file
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import LabelParams, Params, load_params
 from pipeline.paths import Paths
+from pipeline.tileindex import read_tile_index
 
 log = get_logger("pipeline.label")
 
@@ -171,33 +172,8 @@ def assign_labels(
 
 
 # -- one slide -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _TileIndex:
-    coords: np.ndarray
-    grid: np.ndarray
-    tile_size_px: int
-    tile_size_px_level0: float
-    slide_size_px_level0: tuple[int, int]
-    mpp: float
-
-
-def _read_tile_index(path: Path) -> _TileIndex:
-    try:
-        with h5py.File(path, "r") as f:
-            a = f.attrs
-            return _TileIndex(
-                coords=np.asarray(f[schema.COORDS][...], dtype=np.int64).reshape(-1, 2),
-                grid=np.asarray(f[schema.GRID][...], dtype=np.int64).reshape(-1, 2),
-                tile_size_px=int(a["tile_size_px"]),
-                tile_size_px_level0=float(a["tile_size_px_level0"]),
-                slide_size_px_level0=(int(a["slide_width_px_level0"]),
-                                      int(a["slide_height_px_level0"])),
-                mpp=float(a.get("mpp", math.nan)),
-            )
-    except KeyError as exc:
-        raise LabelError(f"{path}: tile index lacks {exc}") from None
-    except OSError as exc:
-        raise LabelError(f"{path}: cannot read tile index: {exc}") from None
+def _annotation_sha(annotation_path: str) -> str:
+    return sha256_file(annotation_path) if annotation_path else ""
 
 
 def label_slide(
@@ -216,8 +192,9 @@ def label_slide(
             f"{tile_file}: tile index missing or not written with the current tile params; "
             "run `python -m pipeline tile` first"
         )
-    idx = _read_tile_index(tile_file)
-    raster = tile_raster(idx.coords, idx.grid, idx.tile_size_px, idx.tile_size_px_level0,
+    idx = read_tile_index(tile_file)
+    geom = idx.geometry
+    raster = tile_raster(idx.coords, idx.grid, geom.tile_size_px, geom.tile_size_px_level0,
                          label_params.raster_subsample)
     ann = None
     fmt = "none"
@@ -227,7 +204,7 @@ def label_slide(
                               max_mask_downsample=raster.pitch_px_level0)
     tumor_f, normal_f = tile_fractions(ann, raster)
     labels = assign_labels(tumor_f, normal_f, label_params.tumor_min, label_params.normal_min)
-    raster_um = raster.pitch_px_level0 * idx.mpp if math.isfinite(idx.mpp) else \
+    raster_um = raster.pitch_px_level0 * idx.geometry.mpp if math.isfinite(idx.geometry.mpp) else \
         raster.pitch_px_level0
     with atomic_h5(out_file) as f:
         f.create_dataset(schema.TUMOR_FRACTION,
@@ -237,6 +214,7 @@ def label_slide(
         f.create_dataset(schema.LABEL, data=labels.astype(schema.LABEL_DTYPES[schema.LABEL]))
         f.attrs["params_hash"] = params_hash
         f.attrs["annotation_path"] = annotation_path
+        f.attrs["annotation_sha256"] = _annotation_sha(annotation_path)
         f.attrs["annotation_format"] = fmt
         f.attrs["raster_um"] = float(raster_um)
         f.attrs["tumor_min"] = float(label_params.tumor_min)
@@ -300,8 +278,11 @@ def run(
     tile_hash = params.section_hash("tile")
     rows = list(manifest.itertuples(index=False))
     mine = [r for k, r in enumerate(rows) if shard is None or k % shard[1] == shard[0]]
+    # An annotation edited in place (same path) must relabel: compare its content hash too.
     todo = [r for r in mine if not h5_is_current(paths.label_file(r.slide_id), params_hash,
-                                                 annotation_path=r.annotation_path)]
+                                                 annotation_path=r.annotation_path,
+                                                 annotation_sha256=_annotation_sha(
+                                                     r.annotation_path))]
     log.info("label: %d slide(s) in %s%s, %d current, %d to label", len(mine), manifest_path,
              f" (shard {shard[0]}/{shard[1]})" if shard else "", len(mine) - len(todo), len(todo))
     n_workers = max(1, workers if workers is not None else params.tile.workers)

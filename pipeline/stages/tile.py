@@ -21,11 +21,8 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import typer
@@ -47,6 +44,7 @@ from pipeline.schema import (
     TISSUE_FRACTION,
 )
 from pipeline.slide import Slide, TileGeometry
+from pipeline.tileindex import TileIndex, TileIndexError, read_tile_index  # noqa: F401 (re-exported)
 from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
 
 log = get_logger("pipeline.tile")
@@ -65,87 +63,6 @@ ON_ERROR = ("fail", "skip")
 
 class NoTissueError(PipelineError):
     """A slide yields no tile: no tissue found, or every tile below `tile.min_tissue`."""
-
-
-class TileIndexError(PipelineError):
-    """A tile index file is missing, unreadable or not of this schema."""
-
-
-# -- reading the output back (used by later stages) -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class TileIndex:
-    """The contents of data/tiles/<slide_id>.h5: row i of every array is tile i."""
-
-    path: Path
-    coords: np.ndarray  # (N, 2) int64 level-0 x, y of the top-left corner
-    grid: np.ndarray  # (N, 2) int32 row, col
-    tissue_fraction: np.ndarray  # (N,) float32
-    lump_id: np.ndarray  # (N,) int32, 1..n_lumps
-    attrs: dict[str, Any]  # TILE_ATTRS as Python scalars / str
-
-    @property
-    def n_tiles(self) -> int:
-        return int(self.coords.shape[0])
-
-    @property
-    def n(self) -> int:  # same name as pipeline.data.TileIndex
-        return self.n_tiles
-
-    @property
-    def params_hash(self) -> str:
-        return str(self.attrs["params_hash"])
-
-    @property
-    def slide_id(self) -> str:
-        return str(self.attrs["slide_id"])
-
-    @property
-    def slide_path(self) -> Path:
-        return Path(self.attrs["slide_path"])
-
-    @property
-    def geometry(self) -> TileGeometry:
-        """The TileGeometry the tiles were cut with, for `Slide.read_tile(x, y, geometry)`."""
-        a = self.attrs
-        return TileGeometry(
-            level=int(a["level"]), level_downsample=float(a["level_downsample"]),
-            read_size_px=int(a["read_size_px"]), tile_size_px=int(a["tile_size_px"]),
-            tile_size_px_level0=float(a["tile_size_px_level0"]), tile_mpp=float(a["tile_mpp"]),
-            mpp=float(a["mpp"]), mpp_source=str(a["mpp_source"]),
-        )
-
-
-def _py(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def read_tile_index(path: str | Path) -> TileIndex:
-    """Read a tile index written by this stage; TileIndexError (one line) if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise TileIndexError(f"{path}: tile index not found (run the `tile` stage)")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: _py(f.attrs[k]) for k in f.attrs}
-            missing = [k for k in (*TILE_DTYPES, ) if k not in f]
-            missing += [k for k in TILE_ATTRS if k not in attrs]
-            if missing:
-                raise TileIndexError(f"{path}: not a tile index, missing {', '.join(missing)}")
-            arrays = {k: np.asarray(f[k][...], dtype=dt) for k, dt in TILE_DTYPES.items()}
-    except OSError as exc:
-        raise TileIndexError(f"{path}: cannot read HDF5 ({exc})") from None
-    if int(attrs["schema_version"]) != SCHEMA_VERSION:
-        raise TileIndexError(
-            f"{path}: schema_version {attrs['schema_version']} != {SCHEMA_VERSION}; rerun `tile`"
-        )
-    return TileIndex(path=path, coords=arrays[COORDS], grid=arrays[GRID],
-                     tissue_fraction=arrays[TISSUE_FRACTION], lump_id=arrays[LUMP_ID], attrs=attrs)
 
 
 # -- one slide ---------------------------------------------------------------------------------
