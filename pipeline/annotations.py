@@ -18,6 +18,10 @@ and it is inside a ring when that point is inside or on the ring (`skimage.draw.
 boundary points as inside: a ring spanning x in [a, b] contains the centres with a <= x <= b).
 A ring is filled on its own (even-odd within the ring) and a polygon is its exterior fill minus
 the union of its hole fills (so a centre exactly on a hole's edge is outside the polygon).
+Self-intersecting rings are neither repaired nor rejected (no shapely here): the even-odd rule
+defines them, so a bow-tie is its two triangles and a pentagram's central pentagon is outside
+(QuPath/ASAP draw them the same way). Separate polygons of one category are unioned, never
+XOR-ed, so overlapping annotations of the same tumor count once.
 Shapes outside the raster are clipped by `skimage.draw.polygon`'s `shape` argument, so polygons
 partly outside the slide need no special handling. Mask pixel (r, c) covers level-0
 [c * sx, (c + 1) * sx) x [r * sy, (r + 1) * sy) and is sampled at the same centres (nearest).

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# tempfile.mkstemp names: prefix + 8 characters from this alphabet + suffix
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
+
+
+def temp_files_for(path: str | Path) -> list[Path]:
+    """Temp files `atomic_path(path)` leaves behind when its process is killed (SIGKILL, power
+    loss): `.<name>.XXXXXXXX.tmp` next to `path`. Exact match, so the temps of `a.h5` are never
+    confused with those of `a.h5.b.h5`."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{_TEMP_RANDOM}\.tmp$")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{path.name}.*.tmp") if pattern.match(p.name))
+
+
+def remove_stale_temps(paths: Iterable[str | Path]) -> list[Path]:
+    """Delete the temp files left by killed writers of `paths` (final output paths); returns
+    what was removed. Call it only for outputs no other live process is writing (a stage: its
+    own slides / shard, before starting work), since a live writer's temp looks the same."""
+    removed = []
+    for path in paths:
+        for tmp in temp_files_for(path):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager

@@ -38,7 +38,9 @@ def load_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise ManifestError(f"{path}: cannot read CSV: {exc}") from exc
+        # pandas' parser messages end in a newline (and may span lines): keep the first line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ManifestError(f"{path}: cannot read CSV: {reason}") from exc
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -54,6 +56,10 @@ def load_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise ManifestError(f"{path}: duplicate slide_id {', '.join(dup[:5])}")
+    no_path = df.loc[df["slide_path"] == "", "slide_id"].tolist()
+    if no_path:
+        # an empty path would resolve to the CSV's own folder and pass the existence check
+        raise ManifestError(f"{path}: slide {no_path[0]}: slide_path is empty")
     bad_ids = [s for s in df["slide_id"] if not _SAFE_ID.match(s)]
     if bad_ids:
         raise ManifestError(

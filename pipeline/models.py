@@ -15,6 +15,7 @@ caller adds (params JSON, epoch, metrics). Loading refuses a state_dict that doe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -257,9 +258,56 @@ def _read_checkpoint(path: str | Path, kind: str) -> tuple[Mapping[str, Any], di
     return obj["state_dict"], meta
 
 
-def load_extractor(path: str | Path) -> tuple[PatchClassifier, dict[str, Any]]:
-    """Rebuild the patch classifier from a checkpoint's meta and load its weights (CPU)."""
+# What an extractor checkpoint must agree on with the params it is used under: the architecture
+# and the pixels it was trained on (tile size and scale, crop). Dotted keys are looked up in the
+# params the checkpoint was trained with (meta["params_json"], written by train-extractor).
+EXTRACTOR_MATCH_KEYS = ("arch", "feature_dim", "extractor.crop_px", "tile.size_px", "tile.mpp")
+
+
+def extractor_expectations(params: Any) -> dict[str, Any]:
+    """{key: value} of EXTRACTOR_MATCH_KEYS under `params` (a pipeline.params.Params), for
+    `load_extractor(path, expected=...)`."""
+    return {"arch": params.extractor.arch, "feature_dim": params.extractor.feature_dim,
+            "extractor.crop_px": params.extractor.crop_px, "tile.size_px": params.tile.size_px,
+            "tile.mpp": params.tile.mpp}
+
+
+def checkpoint_mismatches(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """One `key: checkpoint X, params ask for Y` per expected key whose value differs. A key is
+    a meta key ("arch") or a dotted key into meta["params_json"] ("tile.mpp"); a key the
+    checkpoint does not record counts as a mismatch (it cannot be checked)."""
+    try:
+        trained = json.loads(meta.get("params_json") or "{}")
+    except (TypeError, ValueError):
+        trained = {}
+    missing = object()
+    out = []
+    for key, want in expected.items():
+        if "." in key:
+            got: Any = trained
+            for part in key.split("."):
+                got = got.get(part, missing) if isinstance(got, Mapping) else missing
+        else:
+            got = meta.get(key, missing)
+        if got is missing:
+            out.append(f"{key}: not recorded in the checkpoint, params ask for {want!r}")
+        elif got != want:
+            out.append(f"{key}: checkpoint {got!r}, params ask for {want!r}")
+    return out
+
+
+def load_extractor(
+    path: str | Path, expected: Mapping[str, Any] | None = None
+) -> tuple[PatchClassifier, dict[str, Any]]:
+    """Rebuild the patch classifier from a checkpoint's meta and load its weights (CPU).
+    `expected` (e.g. `extractor_expectations(params)`): refuse a checkpoint trained under other
+    params or another architecture, naming every mismatch."""
     state, meta = _read_checkpoint(path, KIND_EXTRACTOR)
+    if expected:
+        problems = checkpoint_mismatches(meta, expected)
+        if problems:
+            raise ModelError(f"{path}: checkpoint does not match the params ("
+                             f"{'; '.join(problems)}); retrain it or change the params")
     if meta.get("arch") not in ARCHS:
         raise ModelError(f"{path}: unknown arch {meta.get('arch')!r} in checkpoint meta")
     model = build_extractor(str(meta["arch"]), int(meta["feature_dim"]))

@@ -61,7 +61,7 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(f"{self.path}: unsupported or unrecognised slide format") from None
+            raise SlideError(f"{self.path}: {_why_unsupported(self.path)}") from None
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{self.path}: OpenSlide cannot read it: {exc}") from None
         except Exception as exc:  # PIL fallback errors, OS errors
@@ -169,6 +169,33 @@ class Slide:
         if (out_w, out_h) != (lw, lh):
             arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BOX))
         return arr, self.dimensions[0] / out_w
+
+
+# File signatures, to say what a file OpenSlide rejects actually is.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_IMAGE_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image",
+                b"GIF8": "a GIF image", b"BM": "a BMP image"}
+
+
+def _why_unsupported(path: Path) -> str:
+    """Why OpenSlide rejected `path`, from its first bytes: an empty file, a plain image, a
+    damaged / truncated TIFF (OpenSlide reads every IFD on open, so a cut file is rejected
+    as a whole), or an unknown format."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if head.startswith(_TIFF_MAGIC):
+        return (f"TIFF that OpenSlide cannot read ({size} bytes): truncated, damaged, or not a "
+                "tiled whole-slide TIFF")
+    for magic, what in _IMAGE_MAGIC.items():
+        if head.startswith(magic):
+            return f"{what}, not a whole-slide format; convert it to a pyramidal tiled TIFF"
+    return "unsupported or unrecognised slide format"
 
 
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -24,6 +24,12 @@ Regions: tumor = union(tumor polygons minus their holes, mask) minus union(exclu
 normal = 1 - tumor when the file has no explicit normal regions (CAMELYON16 convention: tumor is
 annotated exhaustively); otherwise the fraction inside (normal regions or exclusions) minus tumor.
 Slides without an annotation file: every tile normal (tumor 0, normal 1).
+
+Input checks (warnings, the stage goes on): polygons entirely outside the slide (an annotation
+of another slide, or not in level-0 px); polygon annotation files in the manifest's annotation
+folders that no manifest row references (a slide missing from the manifest). Unknown groups /
+classes are listed by pipeline/annotations.py. A killed run's temp files of this run's slides
+are removed before work starts.
 """
 
 from __future__ import annotations
@@ -48,7 +54,13 @@ from pipeline.annotations import (
     sample_mask,
 )
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, atomic_path, h5_is_current, sha256_file
+from pipeline.io import (
+    atomic_h5,
+    atomic_path,
+    h5_is_current,
+    remove_stale_temps,
+    sha256_file,
+)
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import LabelParams, Params, load_params
@@ -171,6 +183,56 @@ def assign_labels(
     return out
 
 
+# -- input checks ----------------------------------------------------------------------------
+# Suffixes of polygon annotation files; mask images (.tif/.png) are left out of the
+# unreferenced-file check since they look like slides and often share their folder.
+_POLYGON_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+def _warn_unreferenced_annotations(manifest_path: Path, rows: list) -> list[Path]:
+    """Warn (one line per folder) about polygon annotation files in the manifest's annotation
+    folders that no manifest row references: usually a slide missing from the manifest or a
+    misspelt annotation_path. Returns them."""
+    referenced = {Path(r.annotation_path) for r in rows if r.annotation_path}
+    folders = sorted({p.parent for p in referenced})
+    found = []
+    for folder in folders:
+        extra = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in _POLYGON_SUFFIXES and p.is_file()
+                       and p not in referenced)
+        if extra:
+            names = ", ".join(p.name for p in extra[:5]) + (", ..." if len(extra) > 5 else "")
+            log.warning("label: %d annotation file(s) in %s are not referenced by %s (a slide "
+                        "missing from the manifest?): %s", len(extra), folder, manifest_path,
+                        names)
+        found += extra
+    return found
+
+
+def _warn_outside(ann: Annotation, slide_wh: tuple[int, int]) -> int:
+    """Warn when polygons lie entirely outside the slide (w x h level-0 px): they label nothing,
+    which usually means the annotation belongs to another slide or is not in level-0 px.
+    Polygons partly outside are normal (clipped) and not reported. Returns the count."""
+    w, h = slide_wh
+    counts = {}
+    for name in ("tumor", "exclusion", "normal"):
+        polys = getattr(ann, name)
+        out = sum(1 for p in polys if _bbox_outside(p.bounds(), w, h))
+        if out:
+            counts[name] = (out, len(polys))
+    if counts:
+        what = ", ".join(f"{o} of {n} {k}" for k, (o, n) in counts.items())
+        log.warning("%s: %s polygon(s) lie entirely outside the %dx%d px slide and label nothing "
+                    "(annotation of another slide, or coordinates not in level-0 px?)",
+                    ann.path, what, w, h)
+    return sum(o for o, _ in counts.values())
+
+
+def _bbox_outside(bounds: tuple[float, float, float, float], w: int, h: int) -> bool:
+    x0, y0, x1, y1 = bounds
+    return x1 < 0 or y1 < 0 or x0 > w or y0 > h
+
+
 # -- one slide -------------------------------------------------------------------------------
 def _annotation_sha(annotation_path: str) -> str:
     return sha256_file(annotation_path) if annotation_path else ""
@@ -202,6 +264,7 @@ def label_slide(
         fmt = annotation_format(annotation_path)
         ann = read_annotation(annotation_path, idx.slide_size_px_level0,
                               max_mask_downsample=raster.pitch_px_level0)
+        _warn_outside(ann, idx.slide_size_px_level0)
     tumor_f, normal_f = tile_fractions(ann, raster)
     labels = assign_labels(tumor_f, normal_f, label_params.tumor_min, label_params.normal_min)
     raster_um = raster.pitch_px_level0 * idx.geometry.mpp if math.isfinite(idx.geometry.mpp) else \
@@ -278,6 +341,15 @@ def run(
     tile_hash = params.section_hash("tile")
     rows = list(manifest.itertuples(index=False))
     mine = [r for k, r in enumerate(rows) if shard is None or k % shard[1] == shard[0]]
+    # temps of a killed run: only this run's slides (a concurrent shard's live temps look the
+    # same), the shared CSV's only on an unsharded run
+    own = [paths.label_file(r.slide_id) for r in mine]
+    stale = remove_stale_temps(own + ([paths.reports / "labels.csv"] if shard is None else []))
+    if stale:
+        log.warning("label: removed %d temp file(s) left by a killed run (e.g. %s)", len(stale),
+                    stale[0])
+    if shard is None:
+        _warn_unreferenced_annotations(manifest_path, rows)
     # An annotation edited in place (same path) must relabel: compare its content hash too.
     todo = [r for r in mine if not h5_is_current(paths.label_file(r.slide_id), params_hash,
                                                  annotation_path=r.annotation_path,

@@ -14,6 +14,10 @@ Per slide (see pipeline/schema.py for the file format):
 Also writes reports/tiles/<slide_id>.png (overview, tissue outline in blue, kept tiles in green),
 reports/tiles.csv (one row per manifest slide whose output is current) and, with
 `on_error="skip"`, reports/tiles_failures.csv.
+
+Resuming: every output is written to a temp sibling and renamed, so a killed run leaves complete
+outputs or none; a rerun skips slides whose outputs are current and removes the temp files a
+killed run left for the slides it is about to do (tests/test_resume.py kills it with SIGKILL).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import typer
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, atomic_path, h5_is_current
+from pipeline.io import atomic_h5, atomic_path, h5_is_current, remove_stale_temps
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import Params, load_params
@@ -266,6 +270,17 @@ def run(
     selected = [s for k, s in enumerate(ids) if shard is None or k % shard[1] == shard[0]]
     if shard is not None:
         log.info("shard %d/%d: %d slides", shard[0], shard[1], len(selected))
+
+    # A killed run (SIGKILL, OOM, node loss) can leave `.<output>.XXXXXXXX.tmp` files; they are
+    # never read as outputs, but would pile up. Only this run's slides' temps are removed (a
+    # concurrent shard's live temps are not ours); the shared CSVs' only on an unsharded run.
+    own = [f(sid) for sid in selected
+           for f in (paths.tile_file, paths.pixel_cache_file, lambda s: _thumb_file(paths, s))]
+    if shard is None:
+        own += [paths.reports / "tiles.csv", paths.reports / "tiles_failures.csv"]
+    stale = remove_stale_temps(own)
+    if stale:
+        log.warning("removed %d temp file(s) left by a killed run (e.g. %s)", len(stale), stale[0])
 
     tp = params.tile
     phash = params.section_hash("tile")
