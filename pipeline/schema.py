@@ -54,6 +54,7 @@ TILE_ATTRS = (
     "params_json",      # the tile params used, JSON
     "slide_id",
     "slide_path",       # absolute path of the slide read
+    "slide_fingerprint",  # size + hash of first/last MiB: a slide replaced in place is re-tiled
     "slide_width_px_level0",
     "slide_height_px_level0",
     "mpp",              # level-0 um/px of the slide (NaN when unknown and no fallback)
@@ -81,6 +82,7 @@ LABEL_ATTRS = (
     "params_hash",        # Params.section_hash("tile", "label")
     "annotation_path",    # "" for slides without annotations (all tissue normal)
     "annotation_sha256",  # content hash: an annotation edited in place makes the labels stale
+    "tile_index_sha256",  # the tile index labelled: re-tiling makes the labels stale
     "annotation_format",  # "asap_xml" | "geojson" | "mask" | "none"
     "raster_um",          # size of one raster pixel in um (or level-0 px when mpp unknown)
     "tumor_min",

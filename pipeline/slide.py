@@ -198,6 +198,23 @@ def _why_unsupported(path: Path) -> str:
     return "unsupported or unrecognised slide format"
 
 
+def slide_fingerprint(path: str | Path, span: int = 1 << 20) -> str:
+    """Cheap content identity of a slide file: size + sha256 of its first and last MiB. A slide
+    replaced in place (same path, new scan) gets a new fingerprint without hashing gigabytes.
+    For folder formats (MRXS) the index file is fingerprinted."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return f"{size}-{h.hexdigest()[:16]}"
+
+
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """OpenSlide gives premultiplied RGBA; composite onto white."""
     if rgba.ndim == 3 and rgba.shape[2] == 4:

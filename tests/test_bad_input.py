@@ -198,9 +198,6 @@ def test_skip_reports_each_bad_slide_completes_the_rest_and_resumes_after_the_fi
     assert len(pd.read_csv(paths.reports / "tiles.csv")) == len(rows)
 
 
-@pytest.mark.xfail(strict=True, reason="the tile index records the slide's path, not its "
-                   "content: a slide replaced in place counts as current (needs a slide "
-                   "fingerprint attr in schema.TILE_ATTRS; see the report)")
 def test_slide_replaced_in_place_is_tiled_again(tmp_path, write_manifest,
                                                 synthetic_slide_factory):
     path = tmp_path / "s.tiff"
@@ -228,9 +225,6 @@ def test_corrupt_tile_data_names_file_and_position(tmp_path, write_manifest):
     _one_line(str(err.value), bad, "read_region failed at (")
 
 
-@pytest.mark.xfail(strict=True, reason="torch re-raises a DataLoader worker's exception with "
-                   "the worker traceback in its message; pipeline.cli.main prints all of it "
-                   "(fix in cli.py, see the report)")
 def test_error_from_a_dataloader_worker_is_printed_as_one_line(tmp_path, write_manifest,
                                                                monkeypatch, capsys):
     from pipeline import cli
@@ -248,7 +242,7 @@ def test_error_from_a_dataloader_worker_is_printed_as_one_line(tmp_path, write_m
     def app():
         raise err.value
 
-    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(cli, "build_app", lambda names=None: app)
     capsys.readouterr()  # drop the progress bars printed so far
     with pytest.raises(SystemExit) as exit_:
         cli.main()
@@ -408,7 +402,8 @@ def _tile_index(path: Path, params: Params, rc, slide_wh=(400, 400)) -> None:
         f.attrs.update({
             "schema_version": schema.SCHEMA_VERSION, "params_hash": params.section_hash("tile"),
             "params_json": params.section_json("tile"), "slide_id": path.stem,
-            "slide_path": "/nowhere.tiff", "slide_width_px_level0": slide_wh[0],
+            "slide_path": "/nowhere.tiff", "slide_fingerprint": "0-x",
+            "slide_width_px_level0": slide_wh[0],
             "slide_height_px_level0": slide_wh[1], "mpp": 0.5, "mpp_source": "metadata",
             "tile_mpp": 2.5, "level": 0, "level_downsample": 1.0, "read_size_px": 100,
             "tile_size_px": 20, "tile_size_px_level0": 100.0, "grid_rows": 4, "grid_cols": 4,
@@ -597,9 +592,6 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     _one_line(str(err.value), plain, "does not fit", "missing", "unexpected")
 
 
-@pytest.mark.xfail(strict=True, reason="extract-features loads models/extractor.pt without "
-                   "checking it against params.extractor / params.tile (fix: load_extractor("
-                   "checkpoint, expected=extractor_expectations(params)); see the report)")
 def test_extract_features_refuses_a_checkpoint_trained_under_other_params(train_project,
                                                                           tmp_path):
     from pipeline.stages import extract_features

@@ -86,7 +86,7 @@ def _write_tile_index(path: Path, slide_path: Path, tile_mpp: float, params_hash
         f.attrs["slide_path"] = str(slide_path)
         for k, v in geom.as_attrs().items():
             f.attrs[k] = v
-        f.attrs.update(params_json="{}", slide_width_px_level0=SLIDE_PX,
+        f.attrs.update(params_json="{}", slide_fingerprint="0-x", slide_width_px_level0=SLIDE_PX,
                        slide_height_px_level0=SLIDE_PX, grid_rows=n_side, grid_cols=n_side,
                        n_lumps=1)
     return geom, coords

@@ -83,7 +83,7 @@ def write_tile_index(path, slide_id: str) -> None:
         f[schema.LUMP_ID] = np.ones(len(grid), np.int32)
         attrs = {
             "schema_version": schema.SCHEMA_VERSION, "params_hash": "x", "params_json": "{}",
-            "slide_id": slide_id, "slide_path": "/nowhere.tiff",
+            "slide_id": slide_id, "slide_path": "/nowhere.tiff", "slide_fingerprint": "0-x",
             "slide_width_px_level0": 500, "slide_height_px_level0": 400, "mpp": 1.0,
             "mpp_source": "metadata", "tile_mpp": 1.0, "level": 0, "level_downsample": 1.0,
             "read_size_px": 100, "tile_size_px": 100, "tile_size_px_level0": PITCH,

@@ -2,15 +2,19 @@
 
 For every tile of every manifest slide (nolabel tiles too), batch inference of the trained
 extractor in eval mode on the centre crop: `features` = f_{n-1} (the feature layer), `tumor_prob`
-= softmax of f_n. Output data/features/<slide_id>.h5 per pipeline/schema.py, stamped with the
-checkpoint's sha256 and the tile params; a rerun skips slides whose file is current, so a killed
-run resumes. `extract_slide` is also used by e2e-finetune and the frozen-feature baseline.
+= softmax of f_n. One DataLoader streams all the slides to do (`slides_loader`: workers start
+once, uint8 crops, normalised on the device; benchmarks/extraction.py measures it).
+Output data/features/<slide_id>.h5 per pipeline/schema.py, stamped with the checkpoint's
+sha256 and the tile params; a rerun skips slides whose file is current, so a killed run resumes.
+`extract_all` is also used by e2e-finetune and the frozen-feature baseline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -18,14 +22,18 @@ import numpy as np
 import torch
 import typer
 from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision.transforms import v2
 
-from pipeline.augment import eval_transform
-from pipeline.data import slide_loader
+from pipeline.augment import normalize_only
+from pipeline.data import SlidePatchDataset
+from pipeline.distributed import barrier, init_if_needed, summary_sum
+from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, h5_is_current, sha256_file
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
-from pipeline.models import PatchClassifier, load_extractor
+from pipeline.models import PatchClassifier, extractor_expectations, load_extractor
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import autocast, pick_device
@@ -38,7 +46,7 @@ from pipeline.schema import (
     LUMP_ID,
     TUMOR_PROB,
 )
-from pipeline.tileindex import read_tile_index
+from pipeline.tileindex import TileIndex, read_tile_index
 
 log = get_logger("pipeline.extract_features")
 
@@ -51,33 +59,80 @@ def feature_params_hash(params: Params, extractor_sha256: str) -> str:
     return f"{tile_label}-{params.extractor.crop_px}-{extractor_sha256[:16]}"
 
 
+def _batch_plan(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Positions (into the concatenation of the slides' tiles) of every batch: slide by slide,
+    in tile order, batches of batch_size cut at each slide's end, i.e. exactly the batches of
+    one DataLoader per slide (so the model sees the same batches, and gives the same bits)."""
+    plan, start = [], 0
+    for n in sizes:
+        plan += [list(range(start + a, start + min(a + batch_size, n)))
+                 for a in range(0, n, batch_size)]
+        start += n
+    return plan
+
+
+def slides_loader(
+    tile_files: Sequence[Path], crop_px: int, workers: int,
+    pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
+) -> DataLoader:
+    """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, 3, crop, crop)
+    centre crops, tile rows); a batch never spans two slides (`_batch_plan`).
+
+    Why one loader, not one per slide: its workers start once and keep prefetching across
+    slide boundaries; a loader per slide forks its workers per slide and drains the pipeline
+    at every slide's end (a demo slide is ~1.3 batches). Why uint8: the float conversion and
+    normalisation run batched on the model's device (`normalize_only`, the same ops as
+    eval_transform after its crop, so the same bits), and a uint8 batch is 4x less to move
+    from the workers."""
+    caches = list(pixel_cache_files) if pixel_cache_files is not None else [None] * len(tile_files)
+    crop = v2.CenterCrop(crop_px)
+    parts = [SlidePatchDataset(tf, None, crop, c) for tf, c in zip(tile_files, caches, strict=True)]
+    kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        kw["prefetch_factor"] = 4
+    return DataLoader(ConcatDataset(parts), batch_sampler=_batch_plan([len(d) for d in parts],
+                                                                      batch_size), **kw)
+
+
 @torch.no_grad()
+def infer_slides(
+    model: PatchClassifier, tile_files: Sequence[Path], crop_px: int, device: torch.device,
+    workers: int, amp: bool = False, pixel_cache_files: Sequence[Path | None] | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) for tile_files[k], in
+    order, each as soon as its last batch is through the model (one `slides_loader`)."""
+    model.eval()
+    loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files)
+    sizes = [len(d) for d in loader.dataset.datasets]
+    norm = normalize_only()
+    batches = iter(loader)
+    for k, n in enumerate(sizes):
+        feats = np.empty((n, model.feature_dim), np.float32)
+        probs = np.empty(n, np.float32)
+        for _ in range(math.ceil(n / BATCH_SIZE)):
+            x, idx = next(batches)
+            x = norm(x.to(device, non_blocking=True))
+            with autocast(device, amp):
+                f = model.features(x)
+                logits = model.head(f)
+            feats[idx.numpy()] = f.float().cpu().numpy()
+            probs[idx.numpy()] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+        yield k, feats, probs
+
+
 def infer_slide(
     model: PatchClassifier, tile_file: Path, crop_px: int, device: torch.device, workers: int,
     amp: bool = False, pixel_cache_file: Path | None = None, desc: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, tumor_prob (N,) float32) for every tile, in tile order."""
-    model.eval()
-    loader = slide_loader(tile_file, None, BATCH_SIZE, workers, eval_transform(crop_px),
-                          pixel_cache_file)
-    n = len(loader.dataset)
-    feats = np.empty((n, model.feature_dim), np.float32)
-    probs = np.empty(n, np.float32)
-    for x, idx in progress(loader, desc=desc, unit="batch", leave=False):
-        x = x.to(device, non_blocking=True)
-        with autocast(device, amp):
-            f = model.features(x)
-            logits = model.head(f)
-        feats[idx.numpy()] = f.float().cpu().numpy()
-        probs[idx.numpy()] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+    """(features (N, D) float32, tumor_prob (N,) float32) for every tile, in tile order.
+    (`desc` is kept for callers; extraction of many slides should use `infer_slides`.)"""
+    _, feats, probs = next(infer_slides(model, [tile_file], crop_px, device, workers, amp,
+                                        [pixel_cache_file]))
     return feats, probs
 
 
-def extract_slide(
-    model: nn.Module, slide_id: str, paths: Paths, out_file: Path, params: Params,
-    params_hash: str, extractor_sha256: str, device: torch.device,
-) -> int:
-    """Write out_file for one slide; returns the number of tiles."""
+def _slide_inputs(paths: Paths, slide_id: str) -> tuple[TileIndex, np.ndarray]:
+    """The slide's tile index and labels, checked to be aligned."""
     tile_file, label_file = paths.tile_file(slide_id), paths.label_file(slide_id)
     index = read_tile_index(tile_file)
     with h5py.File(label_file, "r") as f:
@@ -85,10 +140,14 @@ def extract_slide(
     if labels.shape[0] != index.n:
         raise PipelineError(f"{label_file}: {labels.shape[0]} labels for {index.n} tiles; "
                             "rerun the label stage")
-    cache = paths.pixel_cache_file(slide_id) if params.tile.cache_pixels else None
-    feats, probs = infer_slide(model, tile_file, params.extractor.crop_px, device,
-                               params.extractor.workers, params.extractor.amp, cache,
-                               desc=slide_id)
+    return index, labels
+
+
+def _write_features(
+    out_file: Path, slide_id: str, index: TileIndex, labels: np.ndarray, feats: np.ndarray,
+    probs: np.ndarray, model: nn.Module, params: Params, params_hash: str,
+    extractor_sha256: str,
+) -> None:
     with atomic_h5(out_file) as f:
         data = {FEATURES: feats, TUMOR_PROB: probs, COORDS: index.coords, GRID: index.grid,
                 LUMP_ID: index.lump_id, LABEL: labels}
@@ -100,6 +159,19 @@ def extract_slide(
         f.attrs["feature_dim"] = int(feats.shape[1])
         f.attrs["tile_params_json"] = params.section_json("tile")
         f.attrs["slide_id"] = slide_id
+
+
+def extract_slide(
+    model: nn.Module, slide_id: str, paths: Paths, out_file: Path, params: Params,
+    params_hash: str, extractor_sha256: str, device: torch.device,
+) -> int:
+    """Write out_file for one slide; returns the number of tiles."""
+    index, labels = _slide_inputs(paths, slide_id)
+    cache = paths.pixel_cache_file(slide_id) if params.tile.cache_pixels else None
+    feats, probs = infer_slide(model, paths.tile_file(slide_id), params.extractor.crop_px,
+                               device, params.extractor.workers, params.extractor.amp, cache)
+    _write_features(out_file, slide_id, index, labels, feats, probs, model, params, params_hash,
+                    extractor_sha256)
     return index.n
 
 
@@ -108,10 +180,16 @@ def extract_all(
     shard: tuple[int, int] | None = None,
 ) -> dict:
     """Features for every manifest slide with the extractor in `checkpoint`, into
-    paths.feature_file(slide, variant). Skips slides whose file is current."""
+    paths.feature_file(slide, variant). Skips slides whose file is current.
+
+    `shard` (i, n) keeps slides i, i+n, ... (array jobs). Under torchrun each rank then takes
+    its part of those (slide -> rank by position, `pipeline.distributed.shard`), writes its own
+    files, and waits for the others at a barrier; the returned summary counts all ranks."""
     t0 = time.time()
+    rank, world, _ = init_if_needed()
     device = pick_device()
-    model, _ = load_extractor(checkpoint)
+    # Refuse features from a checkpoint trained under other tile/extractor params (names the key).
+    model, _ = load_extractor(checkpoint, expected=extractor_expectations(params))
     model.to(device)
     sha = sha256_file(checkpoint)
     phash = feature_params_hash(params, sha)
@@ -120,20 +198,37 @@ def extract_all(
     if shard is not None:
         i, n = shard
         slide_ids = slide_ids[i::n]
-    done = skipped = n_tiles = 0
-    for sid in progress(slide_ids, desc=f"features{'/' + variant if variant else ''}",
-                        unit="slide"):
-        out = paths.feature_file(sid, variant)
-        if h5_is_current(out, phash, extractor_sha256=sha):
-            skipped += 1
-            continue
-        n_tiles += extract_slide(model, sid, paths, out, params, phash, sha, device)
+    n_slides = len(slide_ids)
+    slide_ids = shard_of(slide_ids, rank, world)
+    todo = [sid for sid in slide_ids
+            if not h5_is_current(paths.feature_file(sid, variant), phash, extractor_sha256=sha)]
+    skipped = len(slide_ids) - len(todo)
+    inputs = [_slide_inputs(paths, sid) for sid in todo]  # fail on a bad label file up front
+    caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None for sid in todo]
+    done = n_tiles = 0
+    results = infer_slides(model, [paths.tile_file(sid) for sid in todo],
+                           params.extractor.crop_px, device, params.extractor.workers,
+                           params.extractor.amp, caches)
+    for k, feats, probs in progress(results, total=len(todo), unit="slide",
+                                    desc=f"features{'/' + variant if variant else ''}",
+                                    disable=rank != 0):
+        index, labels = inputs[k]
+        _write_features(paths.feature_file(todo[k], variant), todo[k], index, labels, feats,
+                        probs, model, params, phash, sha)
+        n_tiles += index.n
         done += 1
-    summary = {"checkpoint": str(checkpoint), "extractor_sha256": sha, "n_slides": len(slide_ids),
+    if world > 1:
+        log.info("rank %d: wrote %d feature files (%d tiles), %d already current", rank, done,
+                 n_tiles, skipped)
+    barrier()  # every rank's files exist once this returns
+    summary = {"checkpoint": str(checkpoint), "extractor_sha256": sha, "n_slides": n_slides,
                "n_extracted": done, "n_current": skipped, "n_tiles": n_tiles,
                "seconds": round(time.time() - t0, 1)}
-    log.info("read %s; wrote %d feature files to %s (%d already current): %s", checkpoint, done,
-             paths.feature_file("x", variant).parent, skipped, json.dumps(summary))
+    summary = summary_sum(summary, ("n_extracted", "n_current", "n_tiles"), device)
+    if rank == 0:
+        log.info("read %s; wrote %d feature files to %s (%d already current): %s", checkpoint,
+                 summary["n_extracted"], paths.feature_file("x", variant).parent,
+                 summary["n_current"], json.dumps(summary))
     return summary
 
 
@@ -162,5 +257,6 @@ def cli(
     Reads: models/extractor.pt, the manifest, data/tiles/*.h5, data/labels/*.h5, the slides (or
     pixel caches); params tile.*, label.*, extractor.crop_px/workers/amp.
     Writes: data/features/<slide_id>.h5 (features, tumor_prob, coords, grid, label, lump_id).
+    Under torchrun, slides are split over the ranks (docs/distributed.md).
     """
     run(load_params(params_file), Paths(), parse_shard(shard))

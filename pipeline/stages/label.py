@@ -238,6 +238,10 @@ def _annotation_sha(annotation_path: str) -> str:
     return sha256_file(annotation_path) if annotation_path else ""
 
 
+def _tile_sha(tile_file: Path) -> str:
+    return sha256_file(tile_file) if tile_file.is_file() else "missing"
+
+
 def label_slide(
     slide_id: str,
     tile_file: Path,
@@ -278,6 +282,7 @@ def label_slide(
         f.attrs["params_hash"] = params_hash
         f.attrs["annotation_path"] = annotation_path
         f.attrs["annotation_sha256"] = _annotation_sha(annotation_path)
+        f.attrs["tile_index_sha256"] = sha256_file(tile_file)
         f.attrs["annotation_format"] = fmt
         f.attrs["raster_um"] = float(raster_um)
         f.attrs["tumor_min"] = float(label_params.tumor_min)
@@ -354,7 +359,9 @@ def run(
     todo = [r for r in mine if not h5_is_current(paths.label_file(r.slide_id), params_hash,
                                                  annotation_path=r.annotation_path,
                                                  annotation_sha256=_annotation_sha(
-                                                     r.annotation_path))]
+                                                     r.annotation_path),
+                                                 tile_index_sha256=_tile_sha(
+                                                     paths.tile_file(r.slide_id)))]
     log.info("label: %d slide(s) in %s%s, %d current, %d to label", len(mine), manifest_path,
              f" (shard {shard[0]}/{shard[1]})" if shard else "", len(mine) - len(todo), len(todo))
     n_workers = max(1, workers if workers is not None else params.tile.workers)

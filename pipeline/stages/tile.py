@@ -47,7 +47,7 @@ from pipeline.schema import (
     TILE_DTYPES,
     TISSUE_FRACTION,
 )
-from pipeline.slide import Slide, TileGeometry
+from pipeline.slide import Slide, TileGeometry, slide_fingerprint
 from pipeline.tileindex import TileIndex, TileIndexError, read_tile_index  # noqa: F401 (re-exported)
 from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
 
@@ -172,6 +172,7 @@ def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Pat
         "params_json": params.section_json("tile"),
         "slide_id": slide_id,
         "slide_path": str(slide_path),
+        "slide_fingerprint": slide_fingerprint(slide_path),
         "slide_width_px_level0": int(width),
         "slide_height_px_level0": int(height),
         "mpp": float(geom.mpp),
@@ -239,7 +240,12 @@ def _work(slide_id: str, slide_path: str, params: Params, paths: Paths,
 
 
 def _index_current(paths: Paths, slide_id: str, slide_path: str, params_hash: str) -> bool:
-    return h5_is_current(paths.tile_file(slide_id), params_hash, slide_path=slide_path)
+    try:
+        fingerprint = slide_fingerprint(slide_path)
+    except OSError:
+        return False  # unreadable: let tile_slide raise the proper error
+    return h5_is_current(paths.tile_file(slide_id), params_hash, slide_path=slide_path,
+                         slide_fingerprint=fingerprint)
 
 
 def run(
