@@ -229,3 +229,16 @@ def test_label_killed_with_sigkill_resumes_to_identical_outputs(tmp_path, slides
         (project / "data" / "tiles" / f.name).write_bytes(f.read_bytes())
     _check_resume(project, reference, _label_outputs, label_stage,
                   [sys.executable, "-m", "pipeline", "label", "--params", "params.yaml"])
+
+
+def test_atomic_outputs_get_umask_permissions_not_0600(tmp_path):
+    import os
+
+    from pipeline.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "x.txt", "hi")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
