@@ -237,8 +237,10 @@ def save_checkpoint(
     take precedence."""
     full_meta = {**dict(meta or {}), **_model_meta(model)}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": full_meta}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # Saving to a file object keeps the temp file's name out of the archive, so the same
+        # weights give byte-identical checkpoints (and DVC sees no change).
+        torch.save({"state_dict": state, "meta": full_meta}, fh)
 
 
 def _read_checkpoint(path: str | Path, kind: str) -> tuple[Mapping[str, Any], dict[str, Any]]:

@@ -100,8 +100,18 @@ class E2EParams(_Section):
 
 
 class SegOnlyParams(_Section):
+    downsample: int = Field(8, ge=1)
+    depth: int = Field(5, ge=1, le=8)
+    width: int = Field(8, ge=1)
+    crop_tiles: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
     epochs: int = Field(60, ge=1)
     lr: float = Field(1e-4, gt=0)
+    augment: bool = True
+
+
+class FrozenParams(_Section):
+    standardize: bool = True
 
 
 class EvaluateParams(_Section):
@@ -120,6 +130,7 @@ class Params(_Section):
     unet: UNetParams = UNetParams()
     e2e: E2EParams = E2EParams()
     seg_only: SegOnlyParams = SegOnlyParams()
+    frozen: FrozenParams = FrozenParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 

@@ -177,7 +177,7 @@ def predict_tiles(
 
 def write_predictions(
     path: Path, tumor_prob: np.ndarray, method: str, slide_id: str, params_hash: str,
-    model_sha256: str,
+    model_sha256: str, extra_attrs: dict | None = None,
 ) -> None:
     with atomic_h5(path) as f:
         f.create_dataset(TUMOR_PROB, data=np.asarray(tumor_prob, np.float32))
@@ -186,6 +186,7 @@ def write_predictions(
         f.attrs["model_sha256"] = model_sha256
         f.attrs["slide_id"] = slide_id
         f.attrs["n_unpredicted"] = int(np.isnan(tumor_prob).sum())
+        f.attrs.update(extra_attrs or {})
 
 
 def write_curves(path: Path, rows: Sequence[tuple], header: str) -> None:

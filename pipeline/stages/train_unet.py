@@ -38,7 +38,7 @@ log = get_logger("pipeline.train_unet")
 
 def train_and_predict(
     params: Params, paths: Paths, feature_variant: str, method: str, checkpoint: Path,
-    report_name: str,
+    report_name: str, extra_attrs: dict | None = None,
 ) -> dict:
     """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
     write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
@@ -66,7 +66,7 @@ def train_and_predict(
     for sid, m in maps.items():
         prob = predict_tiles(unet, m.features, m.layouts, device)
         write_predictions(paths.prediction_file(method, sid), prob, method, sid,
-                          params.section_hash("featuremap", "unet"), sha)
+                          params.section_hash("featuremap", "unet"), sha, extra_attrs)
         n_outside += m.n_outside
     write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
     metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],

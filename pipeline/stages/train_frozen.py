@@ -1,0 +1,197 @@
+"""Stage `train-frozen`: the frozen-feature baseline of the paper's Table 1 ("Imagenet feature").
+
+Paper (§4.2): the feature extractor is not trained on patches; the U-Net is trained on features
+of an ImageNet-trained GoogLeNet. Here:
+- when torchvision's ImageNet weights for extractor.arch are in the local torch hub cache
+  (`models.imagenet_weights_file`), the extractor is `build_extractor(arch, feature_dim,
+  "imagenet")`. Its new backbone->feature_dim Linear (1024 -> 16 for GoogLeNet) is random
+  (seeded with `seed`), so the features are a fixed random projection of the ImageNet features.
+  The paper's f_{n-1} is that layer after training on patches; a random projection keeps the
+  ImageNet information only approximately (16 of 1024 directions), which is the price of keeping
+  the map 16 channels wide like the other methods;
+- otherwise (no weights in the cache, or an arch without ImageNet weights such as small_cnn) an
+  untrained extractor, `build_extractor(arch, feature_dim, "none")` after
+  `torch.manual_seed(seed)`: random-init features, the weakest possible "frozen" baseline.
+Which one was used is logged and recorded as attr `frozen_extractor` ("imagenet" | "untrained")
+in every prediction file, in reports/train_frozen.json and in the extractor checkpoint's meta.
+
+Feature standardisation (on by default; `frozen.standardize` in params when that key exists). A
+random feature layer gives features whose tile-to-tile spread is tiny next to their offset from
+zero (demo, untrained small_cnn: std ~1e-3 against means ~0.05), while the U-Net's canvas is zero
+off tissue: the tumor signal is then ~50x below the tissue/background contrast and the U-Net at
+lr 1e-4 never finds it (demo test PR-AUC 0.10, although a logistic regression on the same
+standardised features reaches ROC-AUC 0.96). So the per-channel mean and std of the features
+over a seeded sample of train-slide tiles (STATS_TILES_PER_SLIDE per slide, labels unused) are
+folded into the feature Linear (W / std, (b - mean) / std): the saved extractor outputs
+standardised features, extract_all and the U-Net are unchanged, and nothing is trained.
+
+Then: features of every tile with that extractor (`extract_all`, variant "frozen"), a U-Net
+trained on them exactly as in Separate Learning (`train_and_predict`: featuremap.*, unet.*),
+and predictions for every tile.
+
+Writes models/frozen_extractor.pt, models/frozen_unet.pt, data/features_frozen/<slide>.h5,
+data/predictions/frozen/<slide>.h5, reports/train_frozen.json, reports/train_frozen.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from pipeline.augment import eval_transform
+from pipeline.data import slide_loader
+from pipeline.errors import PipelineError
+from pipeline.log import get_logger
+from pipeline.manifest import load_manifest
+from pipeline.models import (
+    ModelError,
+    PatchClassifier,
+    build_extractor,
+    imagenet_weights_file,
+    load_extractor,
+    save_checkpoint,
+)
+from pipeline.params import Params, load_params
+from pipeline.paths import Paths
+from pipeline.runtime import pick_device
+from pipeline.segment import write_metrics
+from pipeline.stages.extract_features import BATCH_SIZE, extract_all
+from pipeline.stages.train_unet import train_and_predict
+from pipeline.tileindex import read_tile_index
+
+log = get_logger("pipeline.train_frozen")
+
+METHOD = "frozen"
+VARIANT = "frozen"
+REPORT_NAME = "train_frozen"
+ATTR = "frozen_extractor"
+ATTR_STANDARDIZED = "frozen_standardized"
+IMAGENET = "imagenet"
+UNTRAINED = "untrained"
+# Tiles per train slide whose features give the standardisation statistics.
+STATS_TILES_PER_SLIDE = 64
+
+
+def frozen_extractor(params: Params) -> tuple[PatchClassifier, str]:
+    """(extractor, "imagenet" | "untrained"): ImageNet backbone when its weights are in the
+    local torch cache, else a seeded random init. Nothing is downloaded."""
+    arch, dim = params.extractor.arch, params.extractor.feature_dim
+    try:
+        weights, _ = imagenet_weights_file(arch)
+        source = IMAGENET if weights.is_file() else UNTRAINED
+        where = f"{weights} {'found' if weights.is_file() else 'not found'}"
+    except ModelError:  # arch without ImageNet weights (small_cnn)
+        source, where = UNTRAINED, f"no ImageNet weights exist for arch {arch}"
+    # Seed before building: the new Linear layers (and the whole net when untrained) are random.
+    torch.manual_seed(params.seed)
+    model = build_extractor(arch, dim, "imagenet" if source == IMAGENET else "none")
+    log.info("frozen extractor: %s %s (%s)", source, arch, where)
+    return model, source
+
+
+@torch.no_grad()
+def feature_stats(
+    model: PatchClassifier, params: Params, paths: Paths, slide_ids: list[str],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, std, n tiles) per feature channel over a seeded sample of up to
+    STATS_TILES_PER_SLIDE tiles (any label) of each slide, eval mode, centre crops."""
+    model.eval().to(device)
+    rng = np.random.default_rng(params.seed)
+    feats = []
+    for sid in slide_ids:
+        n = read_tile_index(paths.tile_file(sid)).n
+        rows = np.sort(rng.choice(n, size=min(n, STATS_TILES_PER_SLIDE), replace=False))
+        cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+        loader = slide_loader(paths.tile_file(sid), rows, BATCH_SIZE, params.extractor.workers,
+                              eval_transform(params.extractor.crop_px), cache)
+        feats += [model.features(x.to(device)).float().cpu() for x, _ in loader]
+    if not feats:
+        raise PipelineError(f"{params.data.manifest}: no train tiles to standardise the frozen "
+                            "features on")
+    f = torch.cat(feats)
+    return f.mean(0), f.std(0, unbiased=False), int(f.shape[0])
+
+
+@torch.no_grad()
+def fold_standardization(model: PatchClassifier, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make model.features(x) return (features - mean) / std by rescaling the feature Linear."""
+    std = std.clamp_min(1e-12).to(model.feature.weight)
+    model.feature.weight.div_(std[:, None])
+    model.feature.bias.sub_(mean.to(std)).div_(std)
+
+
+def _standardize_setting(params: Params) -> bool:
+    return params.frozen.standardize
+
+
+def _same_checkpoint(path: Path, model: PatchClassifier, meta: dict) -> bool:
+    """True when `path` already holds exactly these weights and meta. torch.save output is not
+    byte-stable (it embeds the temp file's name), so rewriting an identical extractor would
+    change its sha256 and make extract_all redo every slide."""
+    if not path.is_file():
+        return False
+    try:
+        old, old_meta = load_extractor(path)
+    except PipelineError:
+        return False
+    if any(old_meta.get(k) != v for k, v in meta.items()):
+        return False
+    new_state, old_state = model.state_dict(), old.state_dict()
+    return new_state.keys() == old_state.keys() and all(
+        torch.equal(new_state[k], old_state[k]) for k in new_state)
+
+
+def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
+    """Build (and save) the frozen extractor, extract features of every slide with it, train
+    the U-Net on them and predict every tile; returns the metrics written to
+    reports/train_frozen.json. `standardize` None: params `frozen.standardize` (default True)."""
+    t0 = time.time()
+    if standardize is None:
+        standardize = _standardize_setting(params)
+    manifest = load_manifest(paths.root / params.data.manifest)
+    model, source = frozen_extractor(params)
+    n_stats = 0
+    if standardize:
+        train_ids = list(manifest["slide_id"][manifest["split"] == "train"])
+        mean, std, n_stats = feature_stats(model, params, paths, train_ids, pick_device())
+        fold_standardization(model.cpu(), mean, std)
+        log.info("standardised the frozen features with mean/std of %d train tiles "
+                 "(std %.3g..%.3g)", n_stats, float(std.min()), float(std.max()))
+    ckpt = paths.models / "frozen_extractor.pt"
+    meta = {ATTR: source, ATTR_STANDARDIZED: bool(standardize),
+            "params_json": params.section_json("seed", "tile", "extractor")}
+    if _same_checkpoint(ckpt, model, meta):
+        log.info("%s already holds this extractor; kept (features stay current)", ckpt)
+    else:
+        save_checkpoint(ckpt, model, meta)
+        log.info("wrote %s", ckpt)
+    feat = extract_all(params, paths, ckpt, variant=VARIANT)
+    metrics = train_and_predict(params, paths, VARIANT, METHOD, paths.models / "frozen_unet.pt",
+                                REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)})
+    metrics = {**metrics, ATTR: source, ATTR_STANDARDIZED: bool(standardize),
+               "n_standardization_tiles": n_stats, "extractor_arch": params.extractor.arch,
+               "feature_seconds": feat["seconds"], "seconds": round(time.time() - t0, 1)}
+    write_metrics(paths.reports / f"{REPORT_NAME}.json", metrics)
+    log.info("frozen baseline (%s extractor): %s", source, json.dumps(metrics))
+    return metrics
+
+
+def cli(
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
+) -> None:
+    """Frozen-feature baseline ("Imagenet feature"): U-Net on features of an extractor never
+    trained on patches (ImageNet backbone from the local torch cache, else untrained).
+
+    Reads: the manifest, data/tiles/*.h5, data/labels/*.h5, the slides (or pixel caches), the
+    torch hub cache; params seed, tile.*, label.*, extractor.arch/feature_dim/crop_px/workers/amp,
+    featuremap.*, unet.*, frozen.standardize (when present; default true).
+    Writes: models/frozen_extractor.pt, models/frozen_unet.pt, data/features_frozen/*.h5,
+    data/predictions/frozen/<slide_id>.h5, reports/train_frozen.json, reports/train_frozen.csv.
+    """
+    run(load_params(params_file), Paths())
