@@ -26,11 +26,15 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device() -> torch.device:
-    """CUDA when present (override with PIPELINE_DEVICE=cpu|cuda|cuda:1)."""
+    """CUDA when present (override with PIPELINE_DEVICE=cpu|cuda|cuda:1). Under torchrun with
+    WORLD_SIZE > 1, a CUDA device without an index is cuda:LOCAL_RANK (one GPU per process)."""
     want = os.environ.get("PIPELINE_DEVICE")
-    if want:
-        return torch.device(want)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want if want else "cuda" if torch.cuda.is_available() else "cpu")
+    world = os.environ.get("WORLD_SIZE", "1")
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local and world not in ("", "1"):
+        device = torch.device("cuda", int(local))
+    return device
 
 
 @contextlib.contextmanager

@@ -218,6 +218,8 @@ def slide_fingerprint(path: str | Path, span: int = 1 << 20) -> str:
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """OpenSlide gives premultiplied RGBA; composite onto white."""
     if rgba.ndim == 3 and rgba.shape[2] == 4:
+        if rgba[..., 3].min() == 255:  # fully opaque (the usual tile): no compositing needed
+            return np.ascontiguousarray(rgba[..., :3])
         rgb = rgba[..., :3].astype(np.uint16)
         a = rgba[..., 3:4].astype(np.uint16)
         out = rgb + (255 - a)  # premultiplied: colour + (1 - alpha) * white

@@ -12,22 +12,41 @@ statistics would otherwise overwrite the running ones learned on batches of maps
 Writes models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json (metrics),
 reports/e2e.csv (per-epoch loss), data/features_e2e/<slide>.h5 (features of the finetuned
 extractor) and data/predictions/e2e/<slide>.h5.
+
+Under `torchrun --nproc_per_node=W` (docs/distributed.md) a step is W slides, one per rank, from
+the same seeded epoch order (rank r takes positions r, r + W, ...): both models' gradients are
+averaged over the ranks before the optimizers step, so every rank holds the same weights; the
+plain run is W = 1. Rank 0 writes the checkpoints and metrics; the post-training feature
+extraction and prediction writing are split over the ranks.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import typer
+from torch import nn
 from torchvision.transforms import v2
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
 from pipeline.data import slide_loader
-from pipeline.e2e import e2e_slide_step
+from pipeline.distributed import (
+    all_reduce_mean_grads,
+    all_reduce_sum,
+    barrier,
+    check_in_sync,
+    init_if_needed,
+    relaunch_if_requested,
+    shard,
+)
+from pipeline.e2e import ChunkSource, e2e_slide_step
+from pipeline.featuremap import MapLayout
 from pipeline.io import sha256_file
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
@@ -78,9 +97,67 @@ def loader_chunks(tile_file: Path, chunk_size: int, workers: int, cache_file: Pa
     return chunks
 
 
+@dataclass
+class SlideJob:
+    """One slide's inputs to `e2e_step`: its chunk source, map layouts, labels and step seed."""
+
+    chunks: ChunkSource
+    layouts: Sequence[MapLayout]
+    labels: np.ndarray
+    seed: int
+
+
+def step_seed(seed: int, epoch: int, k: int) -> int:
+    """Seed of the e2e step on train slide number k in `epoch` (dropout / augmentation replay);
+    it depends on the slide, not on which rank runs it."""
+    return seed * 1_000_003 + epoch * 10_007 + int(k)
+
+
+def step_plan(order: Sequence[int], world: int) -> list[list[int]]:
+    """The epoch's steps: step s holds the slides at positions s*world .. s*world + world - 1
+    of `order` (rank r runs position s*world + r, i.e. positions r, r + world, ...); the last
+    step may hold fewer (its spare ranks run an empty step). world=1: one slide per step."""
+    order = [int(k) for k in order]
+    return [order[a:a + world] for a in range(0, len(order), world)]
+
+
+def e2e_step(
+    extractor: nn.Module, unet: nn.Module, opt_fe: torch.optim.Optimizer,
+    opt_seg: torch.optim.Optimizer, job: SlideJob | None, chunk_size: int, *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    backprop_fraction: float = 1.0, epoch: int = 0, step: int = 0,
+) -> tuple[dict | None, float]:
+    """One optimizer step: this rank's slide gradients (two-block method, `e2e_slide_step`),
+    then both models' gradients averaged over the ranks whose slide has labelled tiles, then
+    one Adam step per model on every rank (identical updates, so the ranks stay identical).
+
+    In a plain run that is the per-slide step (skipped when the slide has no labelled tile);
+    with W ranks it is the step on the mean of up to W slides' loss gradients, i.e. what one
+    process gets by accumulating those slides' gradients and dividing by their number.
+    job=None (no slide left for this rank in the last step) contributes nothing but still
+    takes part. Returns (e2e_slide_step's dict or None, number of slides averaged)."""
+    opt_fe.zero_grad(set_to_none=True)
+    opt_seg.zero_grad(set_to_none=True)
+    out, weight = None, 0.0
+    if job is not None:
+        out = e2e_slide_step(
+            extractor, unet, job.chunks, job.layouts, job.labels, chunk_size, seed=job.seed,
+            augment=augment, backprop_fraction=backprop_fraction,
+        )
+        check_finite(torch.tensor(out["loss"]), "e2e-finetune", epoch, step)
+        weight = 1.0 if out["n_labelled"] > 0 else 0.0
+    n_slides = all_reduce_mean_grads(extractor, unet, weight=weight)
+    if n_slides > 0:
+        opt_fe.step()
+        opt_seg.step()
+    return out, n_slides
+
+
 def run(params: Params, paths: Paths) -> dict:
     t0 = time.time()
     p = params.e2e
+    rank, world, _ = init_if_needed()
+    main = rank == 0
     seed_everything(params.seed)
     device = pick_device()
     extractor, ext_meta = load_extractor(paths.models / "extractor.pt")
@@ -99,53 +176,67 @@ def run(params: Params, paths: Paths) -> dict:
         log.warning("e2e.backprop_fraction=%.3f: the extractor gradient is an unbiased "
                     "APPROXIMATION (a random subset of patches is re-forwarded)",
                     p.backprop_fraction)
+    if world > 1:
+        log.info("rank %d of %d: %d slides per step (mean of their loss gradients), "
+                 "%d steps per epoch", rank, world, world, math.ceil(len(train_ids) / world))
     rows = []
     rng = np.random.default_rng(params.seed)
     for epoch in range(p.epochs):
-        order = rng.permutation(len(train_ids))
+        order = rng.permutation(len(train_ids))  # the same on every rank
         losses, n_ref, n_pat = [], 0, 0
-        for step, k in enumerate(progress(order, desc=f"e2e epoch {epoch + 1}/{p.epochs}",
-                                          unit="slide")):
-            sid = train_ids[int(k)]
-            m = maps[sid]
-            cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
-            chunks = loader_chunks(paths.tile_file(sid), p.chunk_size, params.extractor.workers,
-                                   cache)
-            opt_fe.zero_grad(set_to_none=True)
-            opt_seg.zero_grad(set_to_none=True)
-            out = e2e_slide_step(
-                extractor, unet, chunks, m.layouts, m.labels, p.chunk_size,
-                seed=params.seed * 1_000_003 + epoch * 10_007 + int(k), augment=augment,
-                backprop_fraction=p.backprop_fraction,
-            )
-            check_finite(torch.tensor(out["loss"]), "e2e-finetune", epoch, step)
-            if out["n_labelled"] == 0:
+        plan = step_plan(order, world)
+        for step, slides in enumerate(progress(plan, desc=f"e2e epoch {epoch + 1}/{p.epochs}",
+                                               unit="step" if world > 1 else "slide",
+                                               disable=not main)):
+            job = None
+            if rank < len(slides):
+                k = slides[rank]
+                sid = train_ids[k]
+                m = maps[sid]
+                cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+                job = SlideJob(
+                    loader_chunks(paths.tile_file(sid), p.chunk_size, params.extractor.workers,
+                                  cache),
+                    m.layouts, m.labels, step_seed(params.seed, epoch, k))
+            out, _ = e2e_step(extractor, unet, opt_fe, opt_seg, job, p.chunk_size,
+                              augment=augment, backprop_fraction=p.backprop_fraction,
+                              epoch=epoch, step=step)
+            if out is None or out["n_labelled"] == 0:
                 continue
-            opt_fe.step()
-            opt_seg.step()
             losses.append(out["loss"])
             n_ref += out["n_reforwarded"]
             n_pat += out["n_patches"]
-        rows.append((epoch, float(np.mean(losses)) if losses else float("nan"), n_pat, n_ref))
+        loss_sum, n_loss, n_pat, n_ref = all_reduce_sum(
+            [float(np.sum(losses)), len(losses), n_pat, n_ref], device)
+        if world == 1:  # the plain run's float arithmetic, unchanged
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+        else:
+            mean_loss = loss_sum / n_loss if n_loss else float("nan")
+        rows.append((epoch, mean_loss, int(n_pat), int(n_ref)))
+        check_in_sync(extractor, unet, where=f"e2e-finetune epoch {epoch}")
         log.info("e2e epoch %d: mean slide loss %.5f, %d patches forwarded, %d re-forwarded",
                  epoch, rows[-1][1], n_pat, n_ref)
 
     ext_ckpt, unet_ckpt = paths.models / "e2e_extractor.pt", paths.models / "e2e_unet.pt"
-    save_checkpoint(ext_ckpt, extractor.cpu(), {**_keep(ext_meta), "e2e_params_json":
-                                                params.section_json("e2e")})
-    save_checkpoint(unet_ckpt, unet.cpu(), {**_keep(unet_meta), "e2e_params_json":
-                                            params.section_json("e2e")})
+    if main:
+        extra = {"world_size": world} if world > 1 else {}
+        save_checkpoint(ext_ckpt, extractor.cpu(), {**_keep(ext_meta), "e2e_params_json":
+                                                    params.section_json("e2e"), **extra})
+        save_checkpoint(unet_ckpt, unet.cpu(), {**_keep(unet_meta), "e2e_params_json":
+                                                params.section_json("e2e"), **extra})
+    barrier()  # the checkpoints exist for every rank
     unet.to(device)
-    # Evaluation needs every slide's features from the finetuned extractor, and its U-Net maps.
+    # Evaluation needs every slide's features from the finetuned extractor, and its U-Net maps;
+    # both are split over the ranks (slide i -> rank i % world).
     feat_summary = extract_all(params, paths, ext_ckpt, variant="e2e")
     sha = sha256_file(unet_ckpt)
-    for sid in manifest["slide_id"]:
+    for sid in shard(list(manifest["slide_id"]), rank, world):
         ms = load_slide_maps(paths.feature_file(sid, "e2e"), sid, params)
         prob = predict_tiles(unet, ms.features, ms.layouts, device)
         write_predictions(paths.prediction_file("e2e", sid), prob, "e2e", sid,
                           params.section_hash("featuremap", "unet", "e2e"), sha)
         del ms, prob
-    write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
+    barrier()
     metrics = {
         "train_loss_first_epoch": rows[0][1] if rows else float("nan"),
         "train_loss_last_epoch": rows[-1][1] if rows else float("nan"),
@@ -153,9 +244,14 @@ def run(params: Params, paths: Paths) -> dict:
         "n_train_slides": len(train_ids), "seconds": round(time.time() - t0, 1),
         "feature_extraction_seconds": feat_summary["seconds"],
     }
-    write_metrics(paths.reports / "e2e.json", metrics)
-    log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv}",
-             ext_ckpt, unet_ckpt)
+    if world > 1:
+        metrics["world_size"] = world
+    if main:
+        write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
+        write_metrics(paths.reports / "e2e.json", metrics)
+        log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv}",
+                 ext_ckpt, unet_ckpt)
+    barrier()
     return metrics
 
 
@@ -173,6 +269,7 @@ def cli(
     (labels and map layouts), the slides (or pixel caches); params seed, e2e.*, featuremap.*,
     unet.depth, extractor.crop_px/workers, tile.cache_pixels.
     Writes: models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json, reports/e2e.csv,
-    data/features_e2e/*.h5, data/predictions/e2e/*.h5.
+    data/features_e2e/*.h5, data/predictions/e2e/*.h5. Data-parallel under torchrun.
     """
+    relaunch_if_requested()
     run(load_params(params_file), Paths())

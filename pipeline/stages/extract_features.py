@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from pipeline.augment import normalize_only
 from pipeline.data import SlidePatchDataset
-from pipeline.distributed import barrier, init_if_needed, summary_sum
+from pipeline.distributed import barrier, init_if_needed, relaunch_if_requested, summary_sum
 from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, h5_is_current, sha256_file
@@ -51,6 +51,9 @@ from pipeline.tileindex import TileIndex, read_tile_index
 log = get_logger("pipeline.extract_features")
 
 BATCH_SIZE = 128
+# Slides streamed by one DataLoader (its workers start once per group): bounds the per-slide
+# tile indices held at once when a shard has thousands of slides.
+SLIDES_PER_LOADER = 64
 
 
 def feature_params_hash(params: Params, extractor_sha256: str) -> str:
@@ -59,16 +62,24 @@ def feature_params_hash(params: Params, extractor_sha256: str) -> str:
     return f"{tile_label}-{params.extractor.crop_px}-{extractor_sha256[:16]}"
 
 
-def _batch_plan(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Positions (into the concatenation of the slides' tiles) of every batch: slide by slide,
-    in tile order, batches of batch_size cut at each slide's end, i.e. exactly the batches of
-    one DataLoader per slide (so the model sees the same batches, and gives the same bits)."""
-    plan, start = [], 0
-    for n in sizes:
-        plan += [list(range(start + a, start + min(a + batch_size, n)))
-                 for a in range(0, n, batch_size)]
-        start += n
-    return plan
+class _BatchPlan:
+    """The batches (positions into the concatenation of the slides' tiles): slide by slide, in
+    tile order, batch_size at a time, cut at each slide's end, i.e. exactly the batches of one
+    DataLoader per slide (so the model sees the same batches and gives the same bits).
+    Generated lazily (a DataLoader batch_sampler): a big shard has millions of tiles."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int):
+        self.sizes, self.batch_size = [int(n) for n in sizes], int(batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = 0
+        for n in self.sizes:
+            for a in range(0, n, self.batch_size):
+                yield list(range(start + a, start + min(a + self.batch_size, n)))
+            start += n
+
+    def __len__(self) -> int:
+        return sum(math.ceil(n / self.batch_size) for n in self.sizes)
 
 
 def slides_loader(
@@ -76,7 +87,7 @@ def slides_loader(
     pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
 ) -> DataLoader:
     """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, 3, crop, crop)
-    centre crops, tile rows); a batch never spans two slides (`_batch_plan`).
+    centre crops, tile rows); a batch never spans two slides (`_BatchPlan`).
 
     Why one loader, not one per slide: its workers start once and keep prefetching across
     slide boundaries; a loader per slide forks its workers per slide and drains the pipeline
@@ -90,8 +101,8 @@ def slides_loader(
     kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
     if workers > 0:
         kw["prefetch_factor"] = 4
-    return DataLoader(ConcatDataset(parts), batch_sampler=_batch_plan([len(d) for d in parts],
-                                                                      batch_size), **kw)
+    return DataLoader(ConcatDataset(parts), batch_sampler=_BatchPlan([len(d) for d in parts],
+                                                                     batch_size), **kw)
 
 
 @torch.no_grad()
@@ -101,6 +112,8 @@ def infer_slides(
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) for tile_files[k], in
     order, each as soon as its last batch is through the model (one `slides_loader`)."""
+    if not tile_files:  # every slide already current: nothing to stream
+        return
     model.eval()
     loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files)
     sizes = [len(d) for d in loader.dataset.datasets]
@@ -126,8 +139,11 @@ def infer_slide(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, tumor_prob (N,) float32) for every tile, in tile order.
     (`desc` is kept for callers; extraction of many slides should use `infer_slides`.)"""
-    _, feats, probs = next(infer_slides(model, [tile_file], crop_px, device, workers, amp,
-                                        [pixel_cache_file]))
+    results = infer_slides(model, [tile_file], crop_px, device, workers, amp, [pixel_cache_file])
+    try:
+        _, feats, probs = next(results)
+    finally:
+        results.close()  # shuts the loader's workers down now
     return feats, probs
 
 
@@ -203,20 +219,25 @@ def extract_all(
     todo = [sid for sid in slide_ids
             if not h5_is_current(paths.feature_file(sid, variant), phash, extractor_sha256=sha)]
     skipped = len(slide_ids) - len(todo)
-    inputs = [_slide_inputs(paths, sid) for sid in todo]  # fail on a bad label file up front
-    caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None for sid in todo]
     done = n_tiles = 0
-    results = infer_slides(model, [paths.tile_file(sid) for sid in todo],
-                           params.extractor.crop_px, device, params.extractor.workers,
-                           params.extractor.amp, caches)
-    for k, feats, probs in progress(results, total=len(todo), unit="slide",
-                                    desc=f"features{'/' + variant if variant else ''}",
-                                    disable=rank != 0):
-        index, labels = inputs[k]
-        _write_features(paths.feature_file(todo[k], variant), todo[k], index, labels, feats,
-                        probs, model, params, phash, sha)
-        n_tiles += index.n
-        done += 1
+    bar = progress(total=len(todo), unit="slide", disable=rank != 0,
+                   desc=f"features{'/' + variant if variant else ''}")
+    for g in range(0, len(todo), SLIDES_PER_LOADER):
+        group = todo[g:g + SLIDES_PER_LOADER]
+        inputs = [_slide_inputs(paths, sid) for sid in group]  # a bad label file fails early
+        caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+                  for sid in group]
+        for k, feats, probs in infer_slides(model, [paths.tile_file(sid) for sid in group],
+                                            params.extractor.crop_px, device,
+                                            params.extractor.workers, params.extractor.amp,
+                                            caches):
+            index, labels = inputs[k]
+            _write_features(paths.feature_file(group[k], variant), group[k], index, labels,
+                            feats, probs, model, params, phash, sha)
+            n_tiles += index.n
+            done += 1
+            bar.update(1)
+    bar.close()
     if world > 1:
         log.info("rank %d: wrote %d feature files (%d tiles), %d already current", rank, done,
                  n_tiles, skipped)
@@ -259,4 +280,5 @@ def cli(
     Writes: data/features/<slide_id>.h5 (features, tumor_prob, coords, grid, label, lump_id).
     Under torchrun, slides are split over the ranks (docs/distributed.md).
     """
+    relaunch_if_requested()
     run(load_params(params_file), Paths(), parse_shard(shard))

@@ -6,6 +6,11 @@ class balancing, keeps the checkpoint with the lowest validation loss.
 
 Writes models/extractor.pt (weights + the params that made them), reports/train_extractor.json
 (DVC metrics) and reports/train_extractor.csv (per-epoch curves, DVC plots).
+
+Under `torchrun --nproc_per_node=K` (pipeline/distributed.py, docs/distributed.md): DDP, each
+rank trains on its slice of the same seeded epoch list at batch extractor.batch_size / K (the
+params' batch size stays the global batch), the validation sums are all-reduced so every rank
+keeps the same best epoch, and rank 0 alone writes the outputs.
 """
 
 from __future__ import annotations
@@ -14,12 +19,24 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.augment import eval_transform, train_transform
-from pipeline.data import BalancedSampler, PatchDataset, collect_labelled, patch_loader
+from pipeline.data import PatchDataset, collect_labelled, patch_loader
+from pipeline.distributed import (
+    ShardedBalancedSampler,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    check_in_sync,
+    init_if_needed,
+    rank_seed,
+    relaunch_if_requested,
+)
 from pipeline.io import write_json_atomic, write_text_atomic
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
@@ -35,8 +52,8 @@ METRICS = "train_extractor.json"
 CURVES = "train_extractor.csv"
 
 
-def _evaluate(model: nn.Module, loader, device, amp: bool) -> tuple[float, float, int]:
-    """Mean CE loss and accuracy over a loader (eval mode, no grad)."""
+def _eval_sums(model: nn.Module, loader, device, amp: bool) -> tuple[float, int, int]:
+    """(summed CE loss, n correct, n) over a loader (eval mode, no grad)."""
     model.eval()
     total, correct, n = 0.0, 0, 0
     with torch.no_grad():
@@ -47,12 +64,45 @@ def _evaluate(model: nn.Module, loader, device, amp: bool) -> tuple[float, float
             total += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
             n += int(y.numel())
-    return (total / n if n else float("nan")), (correct / n if n else float("nan")), n
+    return total, correct, n
+
+
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    device: torch.device, amp: bool, epoch: int = 0, batch: int = 0,
+) -> tuple[float, int, int]:
+    """One optimizer step on the batch (x, y): mean CE, backward, step. Returns (loss * n,
+    n correct, n) for this process's batch. When `model` is DDP-wrapped, backward averages the
+    gradients over the ranks, so with equal per-rank batches of B / world the step is the
+    single-process step on their union of B (BatchNorm aside: see docs/distributed.md)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(x)
+    loss = nn.functional.cross_entropy(logits.float(), y)
+    check_finite(loss, "train-extractor", epoch, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item() * y.numel(), int((logits.argmax(1) == y).sum()), int(y.numel())
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """extractor.batch_size is the global batch; each of `world` ranks takes an equal part."""
+    if batch_size % world:
+        raise TrainingError(
+            f"extractor.batch_size={batch_size} is the global batch and must be divisible by "
+            f"the {world} ranks of this torchrun launch"
+        )
+    return batch_size // world
 
 
 def run(params: Params, paths: Paths) -> dict:
     t0 = time.time()
     p = params.extractor
+    rank, world, _ = init_if_needed()
+    main = rank == 0
     seed_everything(params.seed)
     device = pick_device()
     manifest = load_manifest(params.data.manifest)
@@ -60,53 +110,65 @@ def run(params: Params, paths: Paths) -> dict:
     val = collect_labelled(manifest, paths, "val")
     if len(train) == 0:
         raise TrainingError(f"{params.data.manifest}: the train split has no labelled tiles")
+    batch_size = per_rank_batch(p.batch_size, world)
 
     model = build_extractor(p.arch, p.feature_dim, p.pretrained).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if world > 1:
+        if device.type == "cuda":  # BatchNorm statistics over the global batch (NCCL only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Same initial weights on every rank (seeded above; DDP also broadcasts rank 0's), then
+        # a per-rank stream so dropout masks differ between ranks.
+        torch.manual_seed(rank_seed(params.seed, rank, world))
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
     cache = params.tile.cache_pixels
-    sampler = BalancedSampler(train.labels, params.seed, balance=p.balance)
+    loader_seed = rank_seed(params.seed, rank, world)
+    sampler = ShardedBalancedSampler(train.labels, params.seed, p.balance, rank, world)
     train_loader = patch_loader(
         PatchDataset(train, transform=train_transform(p.crop_px), pixel_cache=cache),
-        p.batch_size, p.workers, sampler=sampler, seed=params.seed,
+        batch_size, p.workers, sampler=sampler, seed=loader_seed,
     )
+    # Validation: every val patch exactly once over the ranks (no padding), sums all-reduced.
+    my_val = val if world == 1 else val.select(np.arange(len(val))[rank::world])
     val_loader = None
-    if len(val):
+    if len(my_val):
         val_loader = patch_loader(
-            PatchDataset(val, transform=eval_transform(p.crop_px), pixel_cache=cache),
-            p.batch_size, p.workers, seed=params.seed,
+            PatchDataset(my_val, transform=eval_transform(p.crop_px), pixel_cache=cache),
+            batch_size, p.workers, seed=loader_seed,
         )
-    else:
+    if not len(val):
         log.warning("val split has no labelled tiles: best checkpoint chosen by train loss")
-    log.info("device %s, arch %s (pretrained=%s), %d train patches/epoch (of %d), %d val",
-             device, p.arch, p.pretrained, len(sampler), len(train), len(val))
+    log.info("device %s, arch %s (pretrained=%s), %d train patches/epoch (of %d), %d val%s",
+             device, p.arch, p.pretrained, len(sampler), len(train), len(val),
+             f"; rank {rank} of {world}, batch {batch_size} per rank" if world > 1 else "")
 
     rows, best, best_state, best_epoch = [], float("inf"), None, -1
     for epoch in range(p.epochs):
         sampler.set_epoch(epoch)
-        model.train()
+        net.train()
         tot, correct, n = 0.0, 0, 0
-        bar = progress(train_loader, desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch")
+        bar = progress(train_loader, desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch",
+                       disable=not main)
         for b, (x, y, _) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, p.amp):
-                logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-            check_finite(loss, "train-extractor", epoch, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += loss.item() * y.numel()
-            correct += int((logits.argmax(1) == y).sum())
-            n += int(y.numel())
+            s, c, k = train_step(net, opt, x, y, device, p.amp, epoch, b)
+            tot += s
+            correct += c
+            n += k
+        tot, correct, n = all_reduce_sum([tot, correct, n], device)
         train_loss, train_acc = tot / n, correct / n
-        if val_loader is not None:
-            val_loss, val_acc, _ = _evaluate(model, val_loader, device, p.amp)
+        if len(val):
+            broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) one model
+            sums = (_eval_sums(model, val_loader, device, p.amp) if val_loader is not None
+                    else (0.0, 0, 0))
+            v_tot, v_correct, v_n = all_reduce_sum(sums, device)
+            val_loss, val_acc = v_tot / v_n, v_correct / v_n
         else:
             val_loss, val_acc = train_loss, train_acc
+        check_in_sync(model, where=f"train-extractor epoch {epoch}")
         rows.append((epoch, train_loss, train_acc, val_loss, val_acc))
         log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f",
                  epoch, train_loss, train_acc, val_loss, val_acc)
@@ -116,10 +178,6 @@ def run(params: Params, paths: Paths) -> dict:
 
     model.load_state_dict(best_state)
     ckpt = paths.models / CHECKPOINT
-    save_checkpoint(ckpt, model.cpu(), {
-        "params_json": params.section_json("seed", "extractor", "tile"),
-        "best_epoch": best_epoch, "val_loss": best,
-    })
     _, _, _, best_val_loss, best_val_acc = rows[best_epoch]
     metrics = {
         "best_epoch": best_epoch,
@@ -130,13 +188,21 @@ def run(params: Params, paths: Paths) -> dict:
         "n_val_patches": len(val),
         "seconds": round(time.time() - t0, 1),
     }
-    write_json_atomic(paths.reports / METRICS, metrics)
-    csv = "epoch,train_loss,train_accuracy,val_loss,val_accuracy\n" + "".join(
-        f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
-    )
-    write_text_atomic(paths.reports / CURVES, csv)
-    log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s", ckpt, best_epoch, best,
-             paths.reports / METRICS, paths.reports / CURVES)
+    extra = {"world_size": world} if world > 1 else {}
+    metrics.update(extra)
+    if main:
+        save_checkpoint(ckpt, model.cpu(), {
+            "params_json": params.section_json("seed", "extractor", "tile"),
+            "best_epoch": best_epoch, "val_loss": best, **extra,
+        })
+        write_json_atomic(paths.reports / METRICS, metrics)
+        csv = "epoch,train_loss,train_accuracy,val_loss,val_accuracy\n" + "".join(
+            f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
+        )
+        write_text_atomic(paths.reports / CURVES, csv)
+        log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s", ckpt, best_epoch, best,
+                 paths.reports / METRICS, paths.reports / CURVES)
+    barrier()  # the outputs exist for every rank once this returns
     return metrics
 
 
@@ -148,6 +214,8 @@ def cli(
     Reads: the manifest's train/val slides, data/tiles/*.h5, data/labels/*.h5 (and the slides
     or pixel caches); params seed, extractor.*, tile.cache_pixels.
     Writes: models/extractor.pt, reports/train_extractor.json, reports/train_extractor.csv.
+    Data-parallel under torchrun (docs/distributed.md).
     """
+    relaunch_if_requested()
     run(load_params(params_file), Paths())
 

@@ -1,0 +1,206 @@
+"""Feature extraction throughput: `extract-features` end to end vs the model alone.
+
+End to end = `extract_all` (the stage's core): tile index -> slide tiles (JPEG decode via
+OpenSlide) -> centre crop + normalise -> extractor -> one HDF5 per slide, written atomically.
+Model only = the same extractor on an in-memory random batch of the same size (the stage's
+BATCH_SIZE), the same forward (features, head, softmax, copy to numpy), the same torch threads.
+The target is end to end >= 80 % of model only: the data path must keep the model busy.
+
+By default a demo-like project is built in a temp dir with the real stages (demo-data, tile,
+label: 10 slides of 5 mm at 1 um/px, 256 px tiles, ~170 tiles per slide like the demo; a
+random-init extractor of the params' arch). With --source DIR the project there is used
+read-only (after `dvc repro extract-features`: data/tiles, data/labels, models/extractor.pt,
+params.yaml); feature files go to a temp project whose data/tiles and data/labels link to it.
+Each repeat extracts every slide afresh (nothing is "current"); the median of --repeats is
+reported. "data path only" streams the same batches (`slides_loader` + normalisation) without
+the model: end to end can only approach model only when the data path is faster than the model
+on CPU cores the model does not use (on a GPU machine), not when both share two cores.
+
+Prints a table and writes reports/bench/extraction.json.
+
+    .venv/bin/python benchmarks/extraction.py [--repeats 3] [--workers 0,2] [--source .]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.io import write_json_atomic
+from pipeline.log import get_logger
+from pipeline.manifest import load_manifest
+from pipeline.models import build_extractor, load_extractor, save_checkpoint
+from pipeline.params import Params, load_params
+from pipeline.paths import Paths
+from pipeline.stages import extract_features
+from pipeline.tileindex import read_tile_index
+
+log = get_logger("bench.extraction")
+
+
+def _demo_project(root: Path) -> tuple[Params, Paths]:
+    """A demo-like project (10 slides of 5 mm at 1 um/px, 256 px tiles), random extractor."""
+    from pipeline.stages import demo_data, label, tile
+
+    raw = Params().model_dump(mode="json")
+    raw["demo"].update(n_patients=2, slides_per_patient=5, slide_mm=5.0, split_patients=[1, 0, 1])
+    raw["data"]["manifest"] = str(root / "data" / "demo" / "manifest.csv")
+    raw["tile"].update(workers=2)
+    params = Params.model_validate(raw)
+    paths = Paths(root)
+    demo_data.run(params, paths)
+    tile.run(params, paths)
+    label.run(params, paths)
+    torch.manual_seed(0)
+    model = build_extractor(params.extractor.arch, params.extractor.feature_dim)
+    # the meta train-extractor writes, which extract-features checks against the params
+    save_checkpoint(paths.models / "extractor.pt", model,
+                    {"params_json": params.section_json("seed", "extractor", "tile")})
+    return params, paths
+
+
+def _linked_project(source: Path, root: Path) -> tuple[Params, Paths]:
+    """A temp project that reads tiles/labels/checkpoint from `source` and writes features here."""
+    params = load_params(source / "params.yaml")
+    manifest = Path(params.data.manifest)
+    if not manifest.is_absolute():
+        manifest = (source / manifest).resolve()
+    raw = params.model_dump(mode="json")
+    raw["data"]["manifest"] = str(manifest)
+    params = Params.model_validate(raw)
+    (root / "data").mkdir(parents=True)
+    (root / "models").mkdir()
+    for name in ("tiles", "labels"):
+        os.symlink((source / "data" / name).resolve(), root / "data" / name)
+    os.symlink((source / "models" / "extractor.pt").resolve(), root / "models" / "extractor.pt")
+    return params, Paths(root)
+
+
+def _with_workers(params: Params, workers: int) -> Params:
+    raw = params.model_dump(mode="json")
+    raw["extractor"]["workers"] = workers
+    return Params.model_validate(raw)
+
+
+def _end_to_end(params: Params, paths: Paths) -> tuple[float, int]:
+    """(seconds, n_tiles) of one full extract_all into an empty features folder."""
+    shutil.rmtree(paths.features, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = extract_features.extract_all(params, paths, paths.models / "extractor.pt")
+    return time.perf_counter() - t0, int(summary["n_tiles"])
+
+
+def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
+    """Seconds to stream every slide's batches (uint8 crops -> device -> normalised) with the
+    stage's loader and no model."""
+    from pipeline.augment import normalize_only
+
+    sids = list(load_manifest(params.data.manifest)["slide_id"])
+    norm = normalize_only()
+    t0 = time.perf_counter()
+    loader = extract_features.slides_loader([paths.tile_file(s) for s in sids],
+                                            params.extractor.crop_px, params.extractor.workers)
+    for x, _ in loader:
+        norm(x.to(device, non_blocking=True))
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device) -> float:
+    """Seconds per batch of BATCH_SIZE random patches through the extractor, as infer_slide."""
+    model, _ = load_extractor(ckpt)
+    model.to(device).eval()
+    x = torch.randn(extract_features.BATCH_SIZE, 3, crop_px, crop_px)
+    for _ in range(2):  # warm-up: allocator, oneDNN primitive cache
+        model(x.to(device))
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        f = model.features(x.to(device))
+        prob = torch.softmax(model.head(f).float(), 1)[:, 1]
+        f.float().cpu().numpy(), prob.cpu().numpy()
+    return (time.perf_counter() - t0) / n_batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", default="",
+                    help="comma-separated extractor.workers to try (default: the params value)")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="use this project (data/tiles, data/labels, models/extractor.pt, "
+                    "params.yaml) instead of building a demo-like one")
+    ap.add_argument("--out", type=Path, default=Path("reports/bench/extraction.json"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    with tempfile.TemporaryDirectory(prefix="bench_extraction_") as tmp:
+        root = Path(tmp)
+        src = args.source
+        have_source = src is not None
+        params, paths = _linked_project(src, root) if have_source else _demo_project(root)
+        manifest = load_manifest(params.data.manifest)
+        n_tiles = sum(read_tile_index(paths.tile_file(s)).n for s in manifest["slide_id"])
+        workers_list = ([int(w) for w in args.workers.split(",")] if args.workers
+                        else [params.extractor.workers])
+        ckpt = paths.models / "extractor.pt"
+        n_batches = max(3, min(20, n_tiles // extract_features.BATCH_SIZE))
+        model_s = [_model_only(ckpt, params.extractor.crop_px, n_batches, device)
+                   for _ in range(args.repeats)]
+        model_rate = extract_features.BATCH_SIZE / statistics.median(model_s)
+        rows = []
+        for w in workers_list:
+            pw = _with_workers(params, w)
+            runs = [_end_to_end(pw, paths) for _ in range(args.repeats)]
+            secs = [s for s, _ in runs]
+            rate = runs[0][1] / statistics.median(secs)
+            data_s = [_data_only(pw, paths, device) for _ in range(args.repeats)]
+            rows.append({"workers": w, "seconds": secs, "patches_per_s": rate,
+                         "fraction_of_model_only": rate / model_rate,
+                         "data_only_seconds": data_s,
+                         "data_only_patches_per_s": n_tiles / statistics.median(data_s)})
+
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "device": str(device),
+                    "torch_threads": torch.get_num_threads()},
+        "project": "source " + str(src.resolve()) if have_source else "built demo-like project",
+        "n_slides": len(manifest), "n_tiles": n_tiles, "arch": params.extractor.arch,
+        "crop_px": params.extractor.crop_px, "batch_size": extract_features.BATCH_SIZE,
+        "repeats": args.repeats,
+        "model_only": {"seconds_per_batch": model_s, "patches_per_s": model_rate},
+        "end_to_end": rows,
+        "note": "median of repeats; end to end includes checkpoint load/sha256 and HDF5 writes",
+    }
+    write_json_atomic(args.out, result)
+    print(f"\n{len(manifest)} slides, {n_tiles} tiles, {params.extractor.arch} crop "
+          f"{params.extractor.crop_px}, batch {extract_features.BATCH_SIZE}, device {device}, "
+          f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
+    print(f"{'path':<28}{'patches/s':>12}{'% of model':>12}")
+    print(f"{'model only':<28}{model_rate:>12.0f}{100.0:>11.0f}%")
+    for r in rows:
+        w = r["workers"]
+        print(f"{f'end to end, {w} workers':<28}{r['patches_per_s']:>12.0f}"
+              f"{100 * r['fraction_of_model_only']:>11.0f}%")
+        print(f"{f'data path only, {w} workers':<28}{r['data_only_patches_per_s']:>12.0f}"
+              f"{100 * r['data_only_patches_per_s'] / model_rate:>11.0f}%")
+    best = max(rows, key=lambda r: r["patches_per_s"])
+    if best["fraction_of_model_only"] < 0.8:
+        bound = ("the data path (slide decode in the workers)"
+                 if best["data_only_patches_per_s"] < model_rate else "the model")
+        print(f"below the 80 % target: end to end reaches "
+              f"{100 * best['patches_per_s'] / best['data_only_patches_per_s']:.0f} % of the data "
+              f"path alone, so the bound is {bound}; more DataLoader workers "
+              f"(extractor.workers) help while CPU cores are free")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
