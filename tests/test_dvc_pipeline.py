@@ -30,7 +30,7 @@ TINY = {
     "featuremap": {"size": 16},
     "unet": {"depth": 2, "width": 8, "epochs": 3, "batch_size": 4},
     "e2e": {"epochs": 1, "chunk_size": 16},
-    "seg_only": {"epochs": 2},
+    "seg_only": {"epochs": 2, "depth": 3},
 }
 
 
@@ -91,14 +91,19 @@ def test_dvc_repro_chain_then_noop(project):
     out = _run(["dvc", "repro"], proj, env)
     ran = _stages_run(out)
     for stage in ("demo-data", "tile", "label", "train-extractor", "extract-features",
-                  "train-unet", "e2e-finetune"):
+                  "train-unet", "e2e-finetune", "train-seg-only", "train-frozen", "evaluate"):
         assert stage in ran, out
     for sub in ("data/tiles", "data/labels", "data/features", "data/features_e2e",
-                "data/predictions/separate", "data/predictions/e2e"):
+                "data/predictions/separate", "data/predictions/e2e",
+                "data/predictions/seg_only", "data/predictions/frozen"):
         assert len(list((proj / sub).glob("*.h5"))) == 6, sub
     assert (proj / "models" / "unet.pt").is_file()
     metrics = json.loads((proj / "reports" / "train_unet.json").read_text())
     assert metrics["tiles_off_canvas"] == 0
+    report = json.loads((proj / "reports" / "metrics.json").read_text())
+    for method in ("classifier", "separate", "e2e", "seg_only", "frozen"):
+        assert 0 <= report["patch"][method]["accuracy"] <= 1, method
+    assert (proj / "reports" / "index.html").is_file()
     # nothing changed -> nothing re-runs
     again = _run(["dvc", "repro"], proj, env)
     assert _stages_run(again) == [], again
