@@ -46,14 +46,19 @@ from pipeline.tileindex import read_tile_index
 log = get_logger("bench.extraction")
 
 
-def _demo_project(root: Path) -> tuple[Params, Paths]:
-    """A demo-like project (10 slides of 5 mm at 1 um/px, 256 px tiles), random extractor."""
+def _demo_project(root: Path, arch: str | None = None, tile_workers: int = 2,
+                  n_patients: int = 2) -> tuple[Params, Paths]:
+    """A demo-like project (5 slides of 5 mm per patient at 1 um/px, 256 px tiles), random
+    extractor of `arch` (default: the params' arch)."""
     from pipeline.stages import demo_data, label, tile
 
     raw = Params().model_dump(mode="json")
-    raw["demo"].update(n_patients=2, slides_per_patient=5, slide_mm=5.0, split_patients=[1, 0, 1])
+    raw["demo"].update(n_patients=n_patients, slides_per_patient=5, slide_mm=5.0,
+                       split_patients=[n_patients - 1, 0, 1])
     raw["data"]["manifest"] = str(root / "data" / "demo" / "manifest.csv")
-    raw["tile"].update(workers=2)
+    raw["tile"].update(workers=tile_workers)
+    if arch:
+        raw["extractor"].update(arch=arch)
     params = Params.model_validate(raw)
     paths = Paths(root)
     demo_data.run(params, paths)
@@ -114,18 +119,23 @@ def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device) -> float:
-    """Seconds per batch of BATCH_SIZE random patches through the extractor, as infer_slide."""
+def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device,
+                amp: bool = True) -> float:
+    """Seconds per batch of BATCH_SIZE random patches through the extractor, as infer_slide
+    (same bf16 autocast on CUDA when extractor.amp)."""
+    from pipeline.runtime import autocast
+
     model, _ = load_extractor(ckpt)
     model.to(device).eval()
     x = torch.randn(extract_features.BATCH_SIZE, 3, crop_px, crop_px)
-    for _ in range(2):  # warm-up: allocator, oneDNN primitive cache
-        model(x.to(device))
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        f = model.features(x.to(device))
-        prob = torch.softmax(model.head(f).float(), 1)[:, 1]
-        f.float().cpu().numpy(), prob.cpu().numpy()
+    with autocast(device, amp):
+        for _ in range(2):  # warm-up: allocator, oneDNN primitive cache, cuDNN autotune
+            model(x.to(device))
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            f = model.features(x.to(device))
+            prob = torch.softmax(model.head(f).float(), 1)[:, 1]
+            f.float().cpu().numpy(), prob.cpu().numpy()
     return (time.perf_counter() - t0) / n_batches
 
 
@@ -138,6 +148,9 @@ def main() -> None:
                     help="use this project (data/tiles, data/labels, models/extractor.pt, "
                     "params.yaml) instead of building a demo-like one")
     ap.add_argument("--out", type=Path, default=Path("reports/bench/extraction.json"))
+    ap.add_argument("--arch", default=None, help="extractor arch (default: the params' arch)")
+    ap.add_argument("--tile-workers", type=int, default=2, help="processes to tile the project")
+    ap.add_argument("--patients", type=int, default=2, help="demo patients (5 slides each)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -145,14 +158,16 @@ def main() -> None:
         root = Path(tmp)
         src = args.source
         have_source = src is not None
-        params, paths = _linked_project(src, root) if have_source else _demo_project(root)
+        params, paths = (_linked_project(src, root) if have_source
+                         else _demo_project(root, args.arch, args.tile_workers, args.patients))
         manifest = load_manifest(params.data.manifest)
         n_tiles = sum(read_tile_index(paths.tile_file(s)).n for s in manifest["slide_id"])
         workers_list = ([int(w) for w in args.workers.split(",")] if args.workers
                         else [params.extractor.workers])
         ckpt = paths.models / "extractor.pt"
         n_batches = max(3, min(20, n_tiles // extract_features.BATCH_SIZE))
-        model_s = [_model_only(ckpt, params.extractor.crop_px, n_batches, device)
+        model_s = [_model_only(ckpt, params.extractor.crop_px, n_batches, device,
+                               params.extractor.amp)
                    for _ in range(args.repeats)]
         model_rate = extract_features.BATCH_SIZE / statistics.median(model_s)
         rows = []
