@@ -43,7 +43,7 @@ from pipeline.schema import (
     SCHEMA_VERSION,
 )
 from pipeline.slide import Slide
-from pipeline.tileindex import TileIndex, _py, geometry_from_attrs, read_tile_index  # noqa: F401
+from pipeline.tileindex import TileIndex, attr_value, geometry_from_attrs, read_tile_index  # noqa: F401
 
 log = get_logger("pipeline.data")
 
@@ -73,7 +73,7 @@ def check_pixel_cache(cache_path: str | Path, index: TileIndex) -> None:
     try:
         with h5py.File(cache_path, "r") as f:
             shape = f[PIXELS].shape if PIXELS in f else None
-            phash = str(_py(f.attrs.get("params_hash", "")))
+            phash = str(attr_value(f.attrs.get("params_hash", "")))
             version = int(f.attrs.get("schema_version", -1))
     except OSError as exc:
         raise DataError(f"{cache_path}: cannot read pixel cache: {exc}") from None

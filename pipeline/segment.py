@@ -117,6 +117,43 @@ def _loss_over(unet: UNet, pairs, device) -> float:
     return tot / cnt if cnt else float("nan")
 
 
+def fit_segmenter(
+    unet: UNet, opt: torch.optim.Optimizer, train_pairs, val_pairs, *, epochs: int,
+    batch_size: int, crop: int | None, augment: bool, generator: torch.Generator,
+    device: torch.device, desc: str,
+) -> tuple[list[tuple], int]:
+    """The U-Net training loop shared by every segmenter (feature maps, the seg-only image):
+    shuffled batches of (input, target) pairs (random crops / dihedral augmentation when asked),
+    masked softmax CE, NaN check; keeps the weights of the epoch with the lowest val loss (train
+    loss without val pairs; the last epoch if every val loss is NaN). Returns (per-epoch rows
+    (epoch, train_loss, val_loss), best epoch); `unet` ends with the best weights."""
+    rows, best, best_state, best_epoch = [], float("inf"), None, -1
+    for epoch in progress(range(epochs), desc=desc, unit="epoch"):
+        unet.train()
+        tot, cnt = 0.0, 0
+        for b, (x, y) in enumerate(_batches(train_pairs, batch_size, crop, generator, augment)):
+            s, c = masked_ce_sum_count(unet(x.to(device)), y.to(device))
+            loss = s / c.clamp(min=1)
+            check_finite(loss, desc, epoch, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, cnt = tot + s.item(), cnt + int(c)
+        train_loss = tot / max(cnt, 1)
+        val_loss = _loss_over(unet, val_pairs, device) if val_pairs else train_loss
+        rows.append((epoch, train_loss, val_loss))
+        if val_loss < best:
+            best, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unet.state_dict().items()})
+    if best_state is None:
+        best_epoch = len(rows) - 1
+    else:
+        unet.load_state_dict(best_state)
+    log.info("%s: best epoch %d, val loss %.4f (last train loss %.4f)", desc, best_epoch,
+             rows[best_epoch][2], rows[-1][1])
+    return rows, best_epoch
+
+
 def train_unet(
     train_maps: Sequence[SlideMaps], val_maps: Sequence[SlideMaps], params: Params,
     device: torch.device, desc: str = "unet",
@@ -135,27 +172,9 @@ def train_unet(
     if not train_pairs:
         raise TrainingError("train-unet: no labelled tiles on any train feature map")
     crop = params.featuremap.crop if params.featuremap.mode == "full" else None
-    rows, best, best_state, best_epoch = [], float("inf"), None, -1
-    for epoch in progress(range(up.epochs), desc=desc, unit="epoch"):
-        unet.train()
-        tot, cnt = 0.0, 0
-        for b, (x, y) in enumerate(_batches(train_pairs, up.batch_size, crop, g, up.augment)):
-            s, c = masked_ce_sum_count(unet(x.to(device)), y.to(device))
-            loss = s / c.clamp(min=1)
-            check_finite(loss, desc, epoch, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot, cnt = tot + s.item(), cnt + int(c)
-        train_loss = tot / max(cnt, 1)
-        val_loss = _loss_over(unet, val_pairs, device) if val_pairs else train_loss
-        rows.append((epoch, train_loss, val_loss))
-        if val_loss < best:
-            best, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unet.state_dict().items()})
-    unet.load_state_dict(best_state)
-    log.info("%s: best epoch %d, val loss %.4f (last train loss %.4f)", desc, best_epoch, best,
-             rows[-1][1])
+    rows, best_epoch = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=up.epochs,
+                                     batch_size=up.batch_size, crop=crop, augment=up.augment,
+                                     generator=g, device=device, desc=desc)
     return unet.cpu(), rows, best_epoch
 
 

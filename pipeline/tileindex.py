@@ -42,7 +42,8 @@ _GEOMETRY_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _py(v: Any) -> Any:
+def attr_value(v: Any) -> Any:
+    """An HDF5 attr as a plain Python value (bytes -> str, numpy scalar -> int/float)."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
@@ -55,7 +56,7 @@ def geometry_from_attrs(attrs: Mapping[str, Any], source: str = "tile index") ->
     missing = [k for k in _GEOMETRY_FIELDS if k not in attrs]
     if missing:
         raise TileIndexError(f"{source}: attrs missing {', '.join(missing)}; rerun the tile stage")
-    return TileGeometry(**{k: conv(_py(attrs[k])) for k, conv in _GEOMETRY_FIELDS.items()})
+    return TileGeometry(**{k: conv(attr_value(attrs[k])) for k, conv in _GEOMETRY_FIELDS.items()})
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +103,7 @@ def read_tile_index(path: str | Path) -> TileIndex:
         raise TileIndexError(f"{path}: tile index not found (run the `tile` stage)")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _py(f.attrs[k]) for k in f.attrs}
+            attrs = {k: attr_value(f.attrs[k]) for k in f.attrs}
             missing = [k for k in TILE_DTYPES if k not in f]
             missing += [k for k in TILE_ATTRS if k not in attrs]
             if missing:

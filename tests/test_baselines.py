@@ -24,13 +24,12 @@ from pipeline import schema
 from pipeline.annotations import write_asap_xml
 from pipeline.io import sha256_file
 from pipeline.models import build_extractor, imagenet_weights_file
-from pipeline.params import Params
+from pipeline.params import Params, SegOnlyParams
 from pipeline.paths import Paths
 from pipeline.stages import label as label_stage
 from pipeline.stages import tile as tile_stage
 from pipeline.stages import train_frozen, train_seg_only
 from pipeline.stages.train_seg_only import (
-    SegOnlyConfig,
     SegOnlyError,
     load_seg_image,
     predict_seg_image,
@@ -50,7 +49,7 @@ SLIDES = {
     "b": ("val", (4, 7), (5, 8)),
     "c": ("test", (2, 4), (4, 8)),
 }
-TINY = SegOnlyConfig(downsample=8, depth=2, width=4, crop_tiles=4, batch_size=1, epochs=30,
+TINY = SegOnlyParams(downsample=8, depth=2, width=4, crop_tiles=4, batch_size=1, epochs=30,
                      lr=1e-2, augment=True)  # k = 32 / 8 = 4 px per tile
 
 

@@ -57,6 +57,7 @@ from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.schema import LABEL, LABEL_NOLABEL, LABEL_TUMOR, METHODS, TUMOR_FRACTION, TUMOR_PROB
 from pipeline.stages.tile import read_tile_index
+from pipeline.tileindex import attr_value
 
 log = get_logger("pipeline.evaluate")
 
@@ -127,18 +128,10 @@ def _read_datasets(path: Path, names: Sequence[str], what: str) -> dict[str, np.
             if missing:
                 raise EvaluateError(f"{path}: {what} lacks dataset(s) {', '.join(missing)}")
             out = {k: np.asarray(f[k][...]) for k in names}
-            out["_attrs"] = {k: _py(v) for k, v in f.attrs.items()}  # type: ignore[assignment]
+            out["_attrs"] = {k: attr_value(v) for k, v in f.attrs.items()}  # type: ignore[assignment]
             return out
     except OSError as exc:
         raise EvaluateError(f"{path}: cannot read HDF5 ({exc})") from None
-
-
-def _py(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def load_truth(paths: Paths, row: Any) -> SlideTruth:

@@ -46,6 +46,7 @@ from pipeline.schema import (
     LUMP_ID,
     TUMOR_PROB,
 )
+from pipeline.sharding import parse_shard
 from pipeline.tileindex import TileIndex, read_tile_index
 
 log = get_logger("pipeline.extract_features")
@@ -255,18 +256,6 @@ def extract_all(
 
 def run(params: Params, paths: Paths, shard: tuple[int, int] | None = None) -> dict:
     return extract_all(params, paths, paths.models / "extractor.pt", "", shard)
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise typer.BadParameter(f"--shard must look like i/n, got {text!r}") from None
-    if not 0 <= i < n:
-        raise typer.BadParameter(f"--shard {text}: need 0 <= i < n")
-    return i, n
 
 
 def cli(

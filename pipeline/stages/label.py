@@ -65,6 +65,7 @@ from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import LabelParams, Params, load_params
 from pipeline.paths import Paths
+from pipeline.sharding import parse_shard
 from pipeline.tileindex import read_tile_index
 
 log = get_logger("pipeline.label")
@@ -311,20 +312,6 @@ def _counts_from_file(slide_id: str, path: Path) -> dict:
 
 
 # -- stage -----------------------------------------------------------------------------------
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'i/n' -> (i, n) with 0 <= i < n; None stays None."""
-    if text is None or text == "":
-        return None
-    try:
-        i_s, n_s = text.split("/")
-        i, n = int(i_s), int(n_s)
-    except ValueError:
-        raise PipelineError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise PipelineError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
-
-
 def run(
     params: Params,
     paths: Paths,

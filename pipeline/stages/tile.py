@@ -47,6 +47,7 @@ from pipeline.schema import (
     TILE_DTYPES,
     TISSUE_FRACTION,
 )
+from pipeline.sharding import parse_shard
 from pipeline.slide import Slide, TileGeometry, slide_fingerprint
 from pipeline.tileindex import TileIndex, TileIndexError, read_tile_index  # noqa: F401 (re-exported)
 from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
@@ -381,18 +382,6 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False)
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise PipelineError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise PipelineError(f"--shard {text!r}: need 0 <= i < n")
-    return i, n
-
-
 def cli(
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
     on_error: str = typer.Option(
@@ -415,6 +404,6 @@ def cli(
     current (same tile params) are skipped; stale or damaged ones are rewritten.
     """
     params = load_params(params_file)
-    summary = run(params, Paths(), on_error=on_error, shard=_parse_shard(shard), workers=workers)
+    summary = run(params, Paths(), on_error=on_error, shard=parse_shard(shard), workers=workers)
     typer.echo(f"tile: {summary['n_tiled']} slides tiled, {summary['n_current']} current, "
                f"{summary['n_failed']} failed; {summary['n_tiles']} tiles -> {summary['csv']}")

@@ -35,12 +35,11 @@ Writes models/seg_only.pt, reports/train_seg_only.json (metrics), reports/train_
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -50,16 +49,16 @@ import torch.nn.functional as F
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.featuremap import MapLayout, gather, label_map, masked_ce_sum_count, random_crop
+from pipeline.featuremap import MapLayout, gather, label_map
 from pipeline.io import sha256_file
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import extractor_input_normalization, save_checkpoint
-from pipeline.params import Params, load_params
+from pipeline.params import Params, SegOnlyParams, load_params
 from pipeline.paths import Paths
-from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
+from pipeline.runtime import TrainingError, pick_device, seed_everything
 from pipeline.schema import IGNORE_INDEX, LABEL
-from pipeline.segment import write_curves, write_metrics, write_predictions
+from pipeline.segment import fit_segmenter, write_curves, write_metrics, write_predictions
 from pipeline.slide import Slide
 from pipeline.tileindex import read_tile_index
 from pipeline.unet import UNet
@@ -76,30 +75,6 @@ PAD_RGB = 255
 
 class SegOnlyError(PipelineError):
     """The seg-only baseline cannot build its image/target for a slide (message names it)."""
-
-
-@dataclass(frozen=True)
-class SegOnlyConfig:
-    """Settings of the seg-only baseline. Read from params `seg_only.<field>` where that key
-    exists, else these defaults (so the stage works before every key is in params.yaml)."""
-
-    downsample: int = 8  # tile side / this = image px per tile (paper: 1/8 resolution)
-    depth: int = 5  # U-Net down/up steps
-    width: int = 8  # U-Net channels of the first level, doubled per level
-    crop_tiles: int = 8  # training crop side, in tiles
-    batch_size: int = 4  # crops per optimiser step
-    epochs: int = 60
-    lr: float = 1e-4  # Adam learning rate
-    augment: bool = True  # random rot90 / flip of training crops
-
-    @classmethod
-    def from_params(cls, params: Params) -> SegOnlyConfig:
-        sec = params.seg_only
-        cfg = cls(**{f.name: getattr(sec, f.name) for f in fields(cls) if hasattr(sec, f.name)})
-        for name in ("downsample", "depth", "width", "crop_tiles", "batch_size", "epochs"):
-            if int(getattr(cfg, name)) < 1:
-                raise SegOnlyError(f"seg_only.{name} must be >= 1, got {getattr(cfg, name)}")
-        return cfg
 
 
 @dataclass
@@ -186,29 +161,8 @@ def padded_tensors(
     return _normalise(img), torch.from_numpy(tgt)
 
 
-def _dihedral(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-    """Random rot90 / flip of a (3, s, s) crop and its (s, s) target (slides have no
-    orientation)."""
-    k = int(torch.randint(4, (1,), generator=g))
-    x, y = torch.rot90(x, k, (-2, -1)), torch.rot90(y, k, (-2, -1))
-    if int(torch.randint(2, (1,), generator=g)):
-        x, y = torch.flip(x, (-1,)), torch.flip(y, (-1,))
-    return x, y
-
-
-def _val_loss(unet: UNet, pairs, device: torch.device) -> float:
-    """Mean CE over all labelled pixels of whole val images (eval mode, one at a time)."""
-    unet.eval()
-    tot, cnt = 0.0, 0
-    with torch.no_grad():
-        for x, y in pairs:
-            s, c = masked_ce_sum_count(unet(x[None].to(device)), y[None].to(device))
-            tot, cnt = tot + s.item(), cnt + int(c)
-    return tot / cnt if cnt else float("nan")
-
-
 def train_seg_unet(
-    train: Sequence[SegImage], val: Sequence[SegImage], cfg: SegOnlyConfig, seed: int,
+    train: Sequence[SegImage], val: Sequence[SegImage], cfg: SegOnlyParams, seed: int,
     device: torch.device,
 ) -> tuple[UNet, list[tuple], int]:
     """Train the image U-Net on random crops of the train images; keep the weights with the
@@ -225,39 +179,10 @@ def train_seg_unet(
     if not train_pairs:
         raise TrainingError("train-seg-only: no labelled tiles on any train slide")
     val_pairs = [padded_tensors(s, unet.multiple) for s in val]
-    rows, best, best_state, best_epoch = [], float("inf"), None, -1
-    for epoch in progress(range(cfg.epochs), desc=METHOD, unit="epoch"):
-        unet.train()
-        tot, cnt = 0.0, 0
-        order = torch.randperm(len(train_pairs), generator=g).tolist()
-        for b, s0 in enumerate(range(0, len(order), cfg.batch_size)):
-            xs, ys = [], []
-            for i in order[s0:s0 + cfg.batch_size]:
-                x, y = random_crop(*train_pairs[i], crop_px, g)
-                if cfg.augment:
-                    x, y = _dihedral(x, y, g)
-                xs.append(x)
-                ys.append(y)
-            s, c = masked_ce_sum_count(unet(torch.stack(xs).to(device)),
-                                       torch.stack(ys).to(device))
-            loss = s / c.clamp(min=1)
-            check_finite(loss, METHOD, epoch, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot, cnt = tot + s.item(), cnt + int(c)
-        train_loss = tot / max(cnt, 1)
-        val_loss = _val_loss(unet, val_pairs, device) if val_pairs else train_loss
-        rows.append((epoch, train_loss, val_loss))
-        if val_loss < best:
-            best, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy({n: v.detach().cpu() for n, v in unet.state_dict().items()})
-    if best_state is None:  # every val loss NaN (no labelled val pixel): keep the last weights
-        best_epoch = len(rows) - 1
-    else:
-        unet.load_state_dict(best_state)
-    log.info("%s: best epoch %d, val loss %.4f (last train loss %.4f)", METHOD, best_epoch,
-             rows[best_epoch][2], rows[-1][1])
+    rows, best_epoch = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=cfg.epochs,
+                                     batch_size=cfg.batch_size, crop=crop_px,
+                                     augment=cfg.augment, generator=g, device=device,
+                                     desc=METHOD)
     return unet.cpu(), rows, best_epoch
 
 
@@ -273,19 +198,19 @@ def predict_seg_image(unet: UNet, seg: SegImage, device: torch.device) -> np.nda
     return gather(blocks, seg.layout)[:, 1].numpy().astype(np.float32)
 
 
-def seg_only_hash(params: Params, cfg: SegOnlyConfig) -> str:
+def seg_only_hash(params: Params, cfg: SegOnlyParams) -> str:
     """What the predictions depend on: seed, tile/label params and the effective config."""
     blob = params.section_json("seed", "tile", "label", "seg_only") + json.dumps(
-        asdict(cfg), sort_keys=True)
+        cfg.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(params: Params, paths: Paths, config: SegOnlyConfig | None = None) -> dict:
+def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> dict:
     """Train the seg-only U-Net on the train slides' low-res images (best on val loss), save
     it, and write predictions for every tile of every manifest slide. `config` overrides the
     settings read from params (tests)."""
     t0 = time.time()
-    cfg = config or SegOnlyConfig.from_params(params)
+    cfg = config or params.seg_only
     seed_everything(params.seed)
     device = pick_device()
     manifest_path = paths.root / params.data.manifest
@@ -308,7 +233,7 @@ def run(params: Params, paths: Paths, config: SegOnlyConfig | None = None) -> di
     checkpoint = paths.models / "seg_only.pt"
     save_checkpoint(checkpoint, unet, {
         "params_json": params.section_json("seed", "tile", "seg_only"),
-        "seg_only_config": asdict(cfg), "px_per_tile": k, "best_epoch": best_epoch,
+        "seg_only_config": cfg.model_dump(mode="json"), "px_per_tile": k, "best_epoch": best_epoch,
     })
     sha = sha256_file(checkpoint)
     phash = seg_only_hash(params, cfg)
