@@ -62,16 +62,18 @@ def train_and_predict(
         "feature_variant": feature_variant, "best_epoch": best_epoch,
     })
     sha = sha256_file(checkpoint)
-    n_outside = 0
+    off_canvas = {}  # slide -> tissue tiles that fell off its canvas (centered mode)
     for sid, m in maps.items():
         prob = predict_tiles(unet, m.features, m.layouts, device)
         write_predictions(paths.prediction_file(method, sid), prob, method, sid,
                           params.section_hash("featuremap", "unet"), sha, extra_attrs)
-        n_outside += m.n_outside
+        if m.n_outside:
+            off_canvas[sid] = m.n_outside
     write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
     metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
                "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
-               "n_val_slides": len(by_split["val"]), "tiles_off_canvas": n_outside,
+               "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
+               "tiles_off_canvas_by_slide": off_canvas,
                "seconds": round(time.time() - t0, 1)}
     write_metrics(paths.reports / f"{report_name}.json", metrics)
     log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv}", checkpoint, len(maps),

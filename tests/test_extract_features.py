@@ -1,0 +1,89 @@
+"""Alignment of the Separate Learning data: the feature stored for tile i is the model's output
+on the patch read at coords[i], and the U-Net's prediction for the map cell of tile i comes
+back to row i (no off-by-one between tile order, grid, canvas and prediction files)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.augment import eval_transform
+from pipeline.featuremap import build_layouts, place
+from pipeline.models import build_extractor, save_checkpoint
+from pipeline.params import Params
+from pipeline.paths import Paths
+from pipeline.segment import predict_tiles
+from pipeline.slide import Slide
+from pipeline.stages import extract_features, label, tile
+from pipeline.tileindex import read_tile_index
+from pipeline.unet import UNet
+from tests.conftest import make_params
+
+SYNTH = dict(size_px=128, mpp=0.5, mask_mpp=8.0, min_object_um2=2000.0, max_hole_um2=1000.0,
+             workers=1)
+CROP = 112
+
+
+def _project(tmp_path, write_manifest, slide_path) -> tuple[Params, Paths]:
+    raw = make_params(write_manifest([("s1", slide_path)]), **SYNTH).model_dump(mode="json")
+    raw["extractor"].update(crop_px=CROP, workers=0)
+    params = Params.model_validate(raw)
+    paths = Paths(root=tmp_path)
+    tile.run(params, paths)
+    label.run(params, paths)
+    return params, paths
+
+
+def test_feature_of_tile_i_is_the_model_on_the_patch_at_coords_i(
+    tmp_path, write_manifest, synthetic_slide_factory
+):
+    slide = synthetic_slide_factory()
+    params, paths = _project(tmp_path, write_manifest, slide.path)
+    torch.manual_seed(0)
+    model = build_extractor("small_cnn", 16)
+    save_checkpoint(paths.models / "extractor.pt", model,
+                    {"params_json": params.section_json("seed", "extractor", "tile")})
+    extract_features.run(params, paths)
+
+    with h5py.File(paths.feature_file("s1"), "r") as f:
+        feats, probs, coords = f["features"][...], f["tumor_prob"][...], f["coords"][...]
+    index = read_tile_index(paths.tile_file("s1"))
+    assert np.array_equal(coords, index.coords) and len(feats) == index.n > 3
+    model.eval()
+    with Slide(slide.path) as s, torch.no_grad():
+        for i in (0, index.n // 2, index.n - 1):
+            px = torch.from_numpy(s.read_tile(*coords[i], index.geometry).copy()).permute(2, 0, 1)
+            f = model.features(eval_transform(CROP)(px)[None])
+            p = torch.softmax(model.head(f), 1)[0, 1]
+            np.testing.assert_allclose(feats[i], f[0].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(probs[i], p.item(), rtol=1e-4, atol=1e-6)
+    # a different tile's patch gives a different feature (the check above can fail)
+    assert not np.allclose(feats[0], feats[index.n - 1], atol=1e-5)
+
+
+def test_unet_prediction_of_tile_i_is_read_at_its_canvas_cell(
+    tmp_path, write_manifest, synthetic_slide_factory
+):
+    slide = synthetic_slide_factory()
+    _, paths = _project(tmp_path, write_manifest, slide.path)
+    index = read_tile_index(paths.tile_file("s1"))
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(index.n, 16)).astype(np.float32)
+    torch.manual_seed(0)
+    unet = UNet(in_channels=16, depth=2, width=4).eval()
+    (layout,) = build_layouts(index.grid, index.lump_id, 16, "centered", False, 2)
+    off_r, off_c = layout.offset_rc
+    assert np.array_equal(layout.canvas_rc, index.grid[layout.tile_index] + [off_r, off_c])
+    probs = predict_tiles(unet, feats, [layout], torch.device("cpu"))
+    with torch.no_grad():
+        out = torch.softmax(unet(place(torch.from_numpy(feats[layout.tile_index]),
+                                       layout)[None])[0], 0)
+    for j in (0, layout.n_tiles // 2, layout.n_tiles - 1):
+        i = layout.tile_index[j]
+        r, c = index.grid[i]
+        assert probs[i] == out[1, r + off_r, c + off_c].item()
+    # features moved to another tile change that tile's prediction (the lookup is not constant)
+    swapped = feats.copy()
+    swapped[[0, -1]] = swapped[[-1, 0]]
+    assert not np.allclose(predict_tiles(unet, swapped, [layout], torch.device("cpu")), probs)
