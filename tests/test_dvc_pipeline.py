@@ -139,6 +139,12 @@ def test_dvc_exp_run_set_float_reruns_only_e2e_and_downstream(project):
     assert "lr_fe: 1e-08" in text  # the literal YAML 1.2 text DVC writes
     assert load_params(proj / "params.yaml").e2e.lr_fe == 1e-8
     assert json.loads((proj / "reports" / "e2e.json").read_text())["lr_fe"] == 1e-8
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], proj, env).split("\n", 1)[-1]
-                       if False else _run(["dvc", "exp", "show", "--json"], proj, env))
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], proj, env))
     assert "lr-fe-1e-8" in json.dumps(shown)
+    # the experiment carries its metrics (git-tracked, cache: false) so exp show can compare them
+    exps = [r for row in shown for e in (row.get("experiments") or []) for r in e["revs"]
+            if r.get("name") == "lr-fe-1e-8"]
+    assert exps, shown
+    metrics = exps[0]["data"]["metrics"]
+    assert metrics["reports/e2e.json"]["data"]["lr_fe"] == 1e-8, metrics["reports/e2e.json"]
+    assert "patch" in metrics["reports/metrics.json"]["data"]
