@@ -40,7 +40,11 @@ def _tiny_params_text() -> str:
     lines = (ROOT / "params.yaml").read_text().splitlines()
     section = None
     out = []
+    replaced_list = False
     for line in lines:
+        if replaced_list and line.startswith("  - "):
+            continue  # items of a block-style list we replaced by a flow-style one
+        replaced_list = False
         m_sec = re.match(r"^([a-z_0-9]+):\s*(#.*)?$", line)
         if m_sec:
             section = m_sec.group(1)
@@ -48,6 +52,7 @@ def _tiny_params_text() -> str:
         if m_key and section in TINY and m_key.group(1) in TINY[section]:
             val = TINY[section][m_key.group(1)]
             line = f"  {m_key.group(1)}: {json.dumps(val)}{m_key.group(4) or ''}"
+            replaced_list = m_key.group(3) == ""
         out.append(line)
     return "\n".join(out) + "\n"
 
