@@ -172,3 +172,15 @@ def make_params(manifest: Path | str, **tile: object) -> Params:
 def params_factory() -> Callable[..., Params]:
     """params_factory(manifest, **tile_overrides) -> Params (see make_params)."""
     return make_params
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for tests of small tensors: faster, and immune to other processes on
+    a shared 2-core machine (use with `pytestmark = pytest.mark.usefixtures(...)`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

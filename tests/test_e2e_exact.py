@@ -24,14 +24,7 @@ from pipeline.models import build_extractor, load_extractor, load_unet, save_che
 from pipeline.schema import LABEL_NOLABEL, LABEL_NORMAL, LABEL_TUMOR
 from pipeline.unet import UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread is faster, and immune to other processes on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,7 @@ from pipeline.featuremap import (
 from pipeline.schema import IGNORE_INDEX, LABEL_NOLABEL, LABEL_NORMAL, LABEL_TUMOR
 from pipeline.unet import UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to other processes on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _block_grid(r0: int, c0: int, rows: int, cols: int) -> np.ndarray:

@@ -19,14 +19,7 @@ from pipeline.models import (
 )
 from pipeline.unet import UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread is faster, and immune to other processes on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "googlenet"])
