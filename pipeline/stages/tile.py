@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import typer
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, atomic_path, h5_is_current, remove_stale_temps
@@ -102,7 +102,6 @@ def _mask_downsample(slide: Slide, geom: TileGeometry, tp) -> tuple[float, float
 
 def _thumbnail(rgb: np.ndarray, tm: TissueMask, coords: np.ndarray, pitch: float) -> np.ndarray:
     """Overview with the tissue outline and the kept tiles' outlines drawn."""
-    from skimage.draw import rectangle_perimeter
     from skimage.segmentation import find_boundaries
 
     scale = max(1, math.ceil(max(rgb.shape[:2]) / THUMB_MAX_PX))
@@ -110,14 +109,15 @@ def _thumbnail(rgb: np.ndarray, tm: TissueMask, coords: np.ndarray, pitch: float
     edge = find_boundaries(tm.mask, mode="inner")[::scale, ::scale][: img.shape[0], : img.shape[1]]
     img[edge] = TISSUE_RGB
     sx, sy = tm.downsample_x * scale, tm.downsample_y * scale
-    h, w = img.shape[:2]
+    # PIL draws the outlines in C (skimage's rectangle_perimeter per tile took 0.2 ms each: 2.3 s
+    # for a level-0 CAMELYON grid); the same pixels: the ring just outside each tile's box.
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
     for x, y in coords:
-        r0, c0 = y / sy, x / sx
-        r1, c1 = (y + pitch) / sy - 1, (x + pitch) / sx - 1
-        rr, cc = rectangle_perimeter((round(r0), round(c0)), end=(round(r1), round(c1)),
-                                     shape=(h, w), clip=True)
-        img[rr, cc] = TILE_RGB
-    return img
+        r0, c0 = round(y / sy), round(x / sx)
+        r1, c1 = round((y + pitch) / sy - 1), round((x + pitch) / sx - 1)
+        draw.rectangle((c0 - 1, r0 - 1, c1 + 1, r1 + 1), outline=TILE_RGB)
+    return np.asarray(pil)
 
 
 def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Paths) -> dict:
