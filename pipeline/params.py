@@ -136,12 +136,25 @@ class Params(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (e.g. 'tile'), stored in HDF5 attrs so a rerun can
-        tell a complete output made with the same params from a stale one."""
-        blob = json.dumps({s: _dump(getattr(self, s)) for s in sections}, sort_keys=True)
+        tell a complete output made with the same params from a stale one. Keys that change
+        how a stage runs but not what it writes (RUNTIME_KEYS) are left out, so raising
+        tile.workers does not re-tile a whole collection."""
+        blob = json.dumps({s: _without_runtime(s, _dump(getattr(self, s))) for s in sections},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def section_json(self, *sections: str) -> str:
         return json.dumps({s: _dump(getattr(self, s)) for s in sections}, sort_keys=True)
+
+
+# Per section: keys that do not change any output (parallelism, an optional read cache).
+RUNTIME_KEYS = {"tile": {"workers", "cache_pixels"}, "extractor": {"workers"}}
+
+
+def _without_runtime(section: str, dumped: Any) -> Any:
+    if isinstance(dumped, dict) and section in RUNTIME_KEYS:
+        return {k: v for k, v in dumped.items() if k not in RUNTIME_KEYS[section]}
+    return dumped
 
 
 def _dump(v: Any) -> Any:

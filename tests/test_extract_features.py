@@ -61,6 +61,16 @@ def test_feature_of_tile_i_is_the_model_on_the_patch_at_coords_i(
     # a different tile's patch gives a different feature (the check above can fail)
     assert not np.allclose(feats[0], feats[index.n - 1], atol=1e-5)
 
+    # rerun: nothing to do; a relabelled slide (same checkpoint bytes) is extracted again and
+    # its feature file carries the new labels
+    assert extract_features.run(params, paths)["n_extracted"] == 0
+    with h5py.File(paths.label_file("s1"), "r+") as f:
+        f["label"][0] = 1 - f["label"][0]
+        new_label = int(f["label"][0])
+    assert extract_features.run(params, paths)["n_extracted"] == 1
+    with h5py.File(paths.feature_file("s1"), "r") as f:
+        assert int(f["label"][0]) == new_label
+
 
 def test_unet_prediction_of_tile_i_is_read_at_its_canvas_cell(
     tmp_path, write_manifest, synthetic_slide_factory

@@ -69,3 +69,12 @@ def test_section_hash_changes_only_with_that_section():
     b = a.model_copy(update={"e2e": a.e2e.model_copy(update={"lr_fe": 1e-8})})
     assert a.section_hash("tile") == b.section_hash("tile")
     assert a.section_hash("e2e") != b.section_hash("e2e")
+
+
+def test_runtime_keys_do_not_change_the_output_hash():
+    a = Params()
+    more_workers = a.model_copy(update={"tile": a.tile.model_copy(update={"workers": 8,
+                                                                         "cache_pixels": True})})
+    assert a.section_hash("tile", "label") == more_workers.section_hash("tile", "label")
+    other_mpp = a.model_copy(update={"tile": a.tile.model_copy(update={"mpp": 0.5})})
+    assert a.section_hash("tile") != other_mpp.section_hash("tile")

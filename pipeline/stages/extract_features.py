@@ -11,6 +11,7 @@ sha256 and the tile params; a rerun skips slides whose file is current, so a kil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -58,9 +59,20 @@ SLIDES_PER_LOADER = 64
 
 
 def feature_params_hash(params: Params, extractor_sha256: str) -> str:
-    """What makes a feature file current: the tile/label params, crop and the checkpoint."""
+    """What makes a feature file current: the tile/label params, crop, AMP (bf16 changes the
+    numbers on a GPU) and the checkpoint; the slide's inputs are checked by inputs_sha256."""
     tile_label = params.section_hash("tile", "label")
-    return f"{tile_label}-{params.extractor.crop_px}-{extractor_sha256[:16]}"
+    amp = int(params.extractor.amp)
+    return f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}"
+
+
+def inputs_sha256(paths: Paths, slide_id: str) -> str:
+    """Content hash of the slide's tile index + label file: a re-tiled or relabelled slide gets
+    new features (and a new label copy) even when the checkpoint is byte-identical."""
+    parts = []
+    for f in (paths.tile_file(slide_id), paths.label_file(slide_id)):
+        parts.append(sha256_file(f) if f.is_file() else "missing")
+    return hashlib.sha256("-".join(parts).encode()).hexdigest()
 
 
 class _BatchPlan:
@@ -163,7 +175,7 @@ def _slide_inputs(paths: Paths, slide_id: str) -> tuple[TileIndex, np.ndarray]:
 def _write_features(
     out_file: Path, slide_id: str, index: TileIndex, labels: np.ndarray, feats: np.ndarray,
     probs: np.ndarray, model: nn.Module, params: Params, params_hash: str,
-    extractor_sha256: str,
+    extractor_sha256: str, inputs_sha256_value: str,
 ) -> None:
     with atomic_h5(out_file) as f:
         data = {FEATURES: feats, TUMOR_PROB: probs, COORDS: index.coords, GRID: index.grid,
@@ -176,6 +188,7 @@ def _write_features(
         f.attrs["feature_dim"] = int(feats.shape[1])
         f.attrs["tile_params_json"] = params.section_json("tile")
         f.attrs["slide_id"] = slide_id
+        f.attrs["inputs_sha256"] = inputs_sha256_value
 
 
 def extract_slide(
@@ -188,7 +201,7 @@ def extract_slide(
     feats, probs = infer_slide(model, paths.tile_file(slide_id), params.extractor.crop_px,
                                device, params.extractor.workers, params.extractor.amp, cache)
     _write_features(out_file, slide_id, index, labels, feats, probs, model, params, params_hash,
-                    extractor_sha256)
+                    extractor_sha256, inputs_sha256(paths, slide_id))
     return index.n
 
 
@@ -218,7 +231,8 @@ def extract_all(
     n_slides = len(slide_ids)
     slide_ids = shard_of(slide_ids, rank, world)
     todo = [sid for sid in slide_ids
-            if not h5_is_current(paths.feature_file(sid, variant), phash, extractor_sha256=sha)]
+            if not h5_is_current(paths.feature_file(sid, variant), phash, extractor_sha256=sha,
+                                 inputs_sha256=inputs_sha256(paths, sid))]
     skipped = len(slide_ids) - len(todo)
     done = n_tiles = 0
     bar = progress(total=len(todo), unit="slide", disable=rank != 0,
@@ -234,7 +248,8 @@ def extract_all(
                                             caches):
             index, labels = inputs[k]
             _write_features(paths.feature_file(group[k], variant), group[k], index, labels,
-                            feats, probs, model, params, phash, sha)
+                            feats, probs, model, params, phash, sha,
+                            inputs_sha256(paths, group[k]))
             n_tiles += index.n
             done += 1
             bar.update(1)
