@@ -74,11 +74,14 @@ def check_pixel_cache(cache_path: str | Path, index: TileIndex) -> None:
         with h5py.File(cache_path, "r") as f:
             shape = f[PIXELS].shape if PIXELS in f else None
             phash = str(attr_value(f.attrs.get("params_hash", "")))
+            fingerprint = str(attr_value(f.attrs.get("slide_fingerprint", "")))
             version = int(f.attrs.get("schema_version", -1))
     except OSError as exc:
         raise DataError(f"{cache_path}: cannot read pixel cache: {exc}") from None
     s = index.geometry.tile_size_px
-    if version != SCHEMA_VERSION or phash != index.params_hash or shape != (index.n, s, s, 3):
+    want_fp = str(index.attrs.get("slide_fingerprint", ""))
+    if (version != SCHEMA_VERSION or phash != index.params_hash or fingerprint != want_fp
+            or shape != (index.n, s, s, 3)):
         raise DataError(
             f"{cache_path}: pixel cache is stale (shape {shape}, params_hash {phash!r}) for tile "
             f"index {index.path} ({index.n} tiles of {s} px, params_hash {index.params_hash!r}); "
@@ -99,6 +102,8 @@ def write_pixel_cache(
     algo, level = compression
     with Slide(index.slide_path) as slide, atomic_h5(cache_path) as f:
         f.attrs["params_hash"] = index.params_hash
+        # the slide content the pixels came from: a slide replaced in place makes the cache stale
+        f.attrs["slide_fingerprint"] = str(index.attrs.get("slide_fingerprint", ""))
         f.attrs["slide_id"] = index.slide_id
         f.attrs["n"] = index.n
         f.attrs["tile_size_px"] = s

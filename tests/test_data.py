@@ -479,3 +479,20 @@ def test_collect_labelled_reads_split_and_drops_nolabel(slides, tmp_path):
         f.create_dataset(LABEL, data=np.zeros(n - 1, np.int8))
     with pytest.raises(DataError, match=rf"c.h5: {n - 1} labels but .* has {n} tiles"):
         collect_labelled(manifest, paths, "train")
+
+
+def test_pixel_cache_of_a_replaced_slide_is_refused(slides, tmp_path):
+    """The cache records the slide's fingerprint: a cache made from another slide's content is
+    stale even when the params hash and the tile count match."""
+    import shutil
+
+    tf = slides[(0, "exact0")]["tile_file"]
+    cache = tmp_path / "c.pixels.h5"
+    write_pixel_cache(tf, cache)
+    SlidePatchDataset(tf, pixel_cache_file=cache)  # accepted as is
+    moved = tmp_path / "t.h5"
+    shutil.copy(tf, moved)
+    with h5py.File(moved, "r+") as f:
+        f.attrs["slide_fingerprint"] = "0-another-scan"
+    with pytest.raises(DataError, match="stale"):
+        SlidePatchDataset(moved, pixel_cache_file=cache)

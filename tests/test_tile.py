@@ -309,6 +309,7 @@ def test_pixel_cache_is_written_via_pipeline_data_once(tmp_path, write_manifest,
         with h5py.File(tile_index_path) as src, h5py.File(cache_path, "w") as f:
             f.attrs["schema_version"] = src.attrs["schema_version"]
             f.attrs["params_hash"] = src.attrs["params_hash"]
+            f.attrs["slide_fingerprint"] = src.attrs["slide_fingerprint"]
 
     monkeypatch.setitem(sys.modules, "pipeline.data",
                         types.SimpleNamespace(write_pixel_cache=write_pixel_cache))

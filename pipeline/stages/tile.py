@@ -240,6 +240,13 @@ def _work(slide_id: str, slide_path: str, params: Params, paths: Paths,
 # -- the stage ---------------------------------------------------------------------------------
 
 
+def _fingerprint(slide_path: str) -> str:
+    try:
+        return slide_fingerprint(slide_path)
+    except OSError:
+        return "unreadable"
+
+
 def _index_current(paths: Paths, slide_id: str, slide_path: str, params_hash: str) -> bool:
     try:
         fingerprint = slide_fingerprint(slide_path)
@@ -296,7 +303,8 @@ def run(
     for sid in selected:
         current = _index_current(paths, sid, slide_paths[sid], phash)
         thumb_ok = _thumb_file(paths, sid).is_file()
-        cache_ok = not tp.cache_pixels or h5_is_current(paths.pixel_cache_file(sid), phash)
+        cache_ok = not tp.cache_pixels or h5_is_current(
+            paths.pixel_cache_file(sid), phash, slide_fingerprint=_fingerprint(slide_paths[sid]))
         if current and thumb_ok and cache_ok:
             n_current += 1
         else:
