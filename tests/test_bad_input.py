@@ -209,16 +209,22 @@ def test_slide_replaced_in_place_is_tiled_again(tmp_path, write_manifest,
     assert tile_stage.run(params, paths)["n_tiled"] == 1
 
 
-def test_corrupt_tile_data_names_file_and_position(tmp_path, write_manifest):
-    """Damage inside level 0 passes the tile stage (it reads only the overview) and surfaces
-    when the tiles' pixels are read."""
-    from pipeline.data import slide_loader
-
+def _tiled_slide_with_broken_level0(tmp_path: Path, write_manifest) -> tuple[Path, Paths]:
+    """A slide whose level-0 tile data is damaged (the overview is fine), already tiled."""
     good = make_synthetic_slide(tmp_path / "good.tiff")
     bad = tmp_path / "l0.tiff"
     _break_level0(good.path, bad)
     paths = Paths(root=tmp_path)
     tile_stage.run(make_params(write_manifest([("s", bad)]), **SYNTH), paths)
+    return bad, paths
+
+
+def test_corrupt_tile_data_names_file_and_position(tmp_path, write_manifest):
+    """Damage inside level 0 passes the tile stage (it reads only the overview) and surfaces
+    when the tiles' pixels are read."""
+    from pipeline.data import slide_loader
+
+    bad, paths = _tiled_slide_with_broken_level0(tmp_path, write_manifest)
     with pytest.raises(SlideError) as err:
         for _ in slide_loader(paths.tile_file("s"), None, 4, workers=0):
             pass
@@ -230,11 +236,7 @@ def test_error_from_a_dataloader_worker_is_printed_as_one_line(tmp_path, write_m
     from pipeline import cli
     from pipeline.data import slide_loader
 
-    good = make_synthetic_slide(tmp_path / "good.tiff")
-    bad = tmp_path / "l0.tiff"
-    _break_level0(good.path, bad)
-    paths = Paths(root=tmp_path)
-    tile_stage.run(make_params(write_manifest([("s", bad)]), **SYNTH), paths)
+    bad, paths = _tiled_slide_with_broken_level0(tmp_path, write_manifest)
     with pytest.raises(SlideError) as err:
         for _ in slide_loader(paths.tile_file("s"), None, 4, workers=1):
             pass
