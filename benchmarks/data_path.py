@@ -10,6 +10,9 @@ all tiles (batch 32, raw uint8, no transform; then with the training augmentatio
   resampled  same pixels tagged 0.65 um/px: read 394 px at level 0, BOX-resampled to 256
              (like CAMELYON's 0.243 um/px at tile mpp 1.0: no level within 2 %)
 
+"slide" reads tiles the default way (tiled TIFF levels decoded directly, pipeline/tiffread.py);
+"slide OpenSlide" forces every read through OpenSlide's read_region (PIPELINE_SLIDE_READER).
+
 Prints a table and writes reports/bench/data_path.json. Files are read from the OS page cache
 after the first pass (best of --repeats), i.e. this measures decode cost, not cold disk I/O.
 
@@ -33,6 +36,7 @@ from pipeline.data import read_tile_index, slide_loader, write_pixel_cache
 from pipeline.io import write_json_atomic
 from pipeline.params import Params
 from pipeline.paths import Paths
+from pipeline.slide import READER_ENV
 from pipeline.stages.tile import tile_slide
 from pipeline.synth import n_levels_for, plan_slide, render_slide
 from pipeline.tiff import write_pyramidal_tiff
@@ -48,17 +52,27 @@ WORKERS = (0, 1, 2)  # default --workers
 BATCH = 32
 
 
-def _pass(tile_file: Path, workers: int, cache: Path | None, transform=None) -> float:
-    t0 = time.perf_counter()
-    for _ in slide_loader(tile_file, batch_size=BATCH, workers=workers, transform=transform,
-                          pixel_cache_file=cache):
-        pass
-    return time.perf_counter() - t0
+def _pass(tile_file: Path, workers: int, cache: Path | None, transform=None,
+          reader: str = "auto") -> float:
+    # the reader choice travels to the DataLoader workers through the environment (fork)
+    old = os.environ.get(READER_ENV)
+    os.environ[READER_ENV] = reader
+    try:
+        t0 = time.perf_counter()
+        for _ in slide_loader(tile_file, batch_size=BATCH, workers=workers,
+                              transform=transform, pixel_cache_file=cache):
+            pass
+        return time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop(READER_ENV, None)
+        else:
+            os.environ[READER_ENV] = old
 
 
 def _best_rate(tile_file: Path, workers: int, cache: Path | None, repeats: int,
-               transform=None) -> float:
-    best = min(_pass(tile_file, workers, cache, transform) for _ in range(repeats))
+               transform=None, reader: str = "auto") -> float:
+    best = min(_pass(tile_file, workers, cache, transform, reader) for _ in range(repeats))
     return read_tile_index(tile_file).n / best
 
 
@@ -114,20 +128,24 @@ def main() -> None:
                     "ratio_to_slide_file": round(size / slide_bytes, 2),
                 })
             for workers in workers_list:
-                sources: list[tuple[str, Path | None]] = [("slide", None)]
-                sources += [(f"cache {k}", v) for k, v in caches.items()]
-                for src, cp in sources:
-                    rate = _best_rate(tf, workers, cp, args.repeats)
+                sources: list[tuple[str, Path | None, str]] = [
+                    ("slide", None, "auto"), ("slide OpenSlide", None, "openslide")]
+                sources += [(f"cache {k}", v, "auto") for k, v in caches.items()]
+                for src, cp, reader in sources:
+                    rate = _best_rate(tf, workers, cp, args.repeats, reader=reader)
                     results["read"].append({"scenario": scen, "source": src, "workers": workers,
                                             "patches_per_s": round(rate, 1), "n_tiles": n})
                 if scen != "exact":
                     continue
                 # the training path: + paper augmentation (crop 224, rot, flip, colour, sharpness)
                 aug = train_transform(params.extractor.crop_px)
-                for src, cp in (("slide", None), ("cache none", caches["none"]),
-                                ("cache lzf", caches["lzf"]), ("cache gzip-1", caches["gzip-1"])):
+                for src, cp, reader in (
+                        ("slide", None, "auto"), ("slide OpenSlide", None, "openslide"),
+                        ("cache none", caches["none"], "auto"),
+                        ("cache lzf", caches["lzf"], "auto"),
+                        ("cache gzip-1", caches["gzip-1"], "auto")):
                     torch.manual_seed(0)
-                    rate = _best_rate(tf, workers, cp, args.repeats, aug)
+                    rate = _best_rate(tf, workers, cp, args.repeats, aug, reader)
                     results["read"].append({"scenario": scen, "source": src + " +aug",
                                             "workers": workers, "patches_per_s": round(rate, 1),
                                             "n_tiles": n})
@@ -146,12 +164,12 @@ def _print_tables(r: dict) -> None:
               f"{c['ratio_to_slide_file']:>9.2f}")
     print("\nread throughput, patches/s (batch 32, uint8, best of repeats)")
     ws = r["workers"]
-    print(f"{'scenario':<10} {'source':<19} " + " ".join(f"{'w=' + str(w):>8}" for w in ws))
+    print(f"{'scenario':<10} {'source':<24} " + " ".join(f"{'w=' + str(w):>8}" for w in ws))
     keys = dict.fromkeys((x["scenario"], x["source"]) for x in r["read"])
     for scen, src in keys:
         rates = {x["workers"]: x["patches_per_s"] for x in r["read"]
                  if x["scenario"] == scen and x["source"] == src}
-        print(f"{scen:<10} {src:<19} " + " ".join(f"{rates[w]:>8.0f}" for w in ws))
+        print(f"{scen:<10} {src:<24} " + " ".join(f"{rates[w]:>8.0f}" for w in ws))
 
 
 if __name__ == "__main__":

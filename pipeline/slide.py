@@ -8,6 +8,7 @@ mask is computed on. Errors name the file and the OpenSlide reason.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.log import get_logger
+from pipeline.tiffread import TiledTiffLevels
+
+log = get_logger("pipeline.slide")
+
+# `openslide` forces every pixel read through OpenSlide (the direct TIFF tile path is only a
+# speed-up: it is checked byte-for-byte against OpenSlide per slide handle).
+READER_ENV = "PIPELINE_SLIDE_READER"
 
 # A level whose downsample is within this relative tolerance of the wanted one is used as exact
 # (scanners store e.g. 4.0002 instead of 4).
@@ -80,8 +89,14 @@ class Slide:
             mpp = None
         self.mpp: float | None = mpp
         self.vendor: str = props.get("openslide.vendor", "unknown")
+        self._tiff: TiledTiffLevels | None = None
+        self._tiff_state = "unchecked"  # unchecked -> verified | off
+        if os.environ.get(READER_ENV, "auto") == "openslide":
+            self._tiff_state = "off"
 
     def close(self) -> None:
+        if self._tiff is not None:
+            self._tiff.close()
         self._osr.close()
 
     def __enter__(self) -> Slide:
@@ -131,12 +146,54 @@ class Slide:
     # -- pixels -----------------------------------------------------------------------------
     def read_rgb(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray:
         """(size, size, 3) uint8 at `level`, top-left at level-0 (x0, y0); transparent
-        (outside-slide) pixels become white, as on glass."""
+        (outside-slide) pixels become white, as on glass.
+
+        Tiled TIFF levels (generic TIFF, Aperio) are decoded directly (pipeline/tiffread.py);
+        the first such region of each handle is compared with OpenSlide and any difference
+        turns the direct path off for this slide, so pixels are always OpenSlide's."""
+        if self._tiff_state != "off":
+            fast = self._read_direct(int(x0), int(y0), int(level), int(size_px))
+            if fast is not None:
+                return fast
+        return self._read_openslide(x0, y0, level, size_px)
+
+    @property
+    def direct_reads(self) -> bool:
+        """Whether tiles are currently decoded directly from the TIFF (after the first read)."""
+        return self._tiff_state == "verified"
+
+    def _read_openslide(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray:
         try:
             rgba = self._osr.read_region((int(x0), int(y0)), int(level), (size_px, size_px))
         except Exception as exc:
             raise SlideError(f"{self.path}: read_region failed at ({x0}, {y0}): {exc}") from None
         return _rgba_to_rgb(np.asarray(rgba))
+
+    def _read_direct(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray | None:
+        if self._tiff_state == "unchecked" and self._tiff is None:
+            self._tiff = TiledTiffLevels.open(self.path, self.vendor, self.level_dimensions)
+            if self._tiff is None:
+                self._tiff_state = "off"
+                return None
+        ds = self.level_downsamples[level]
+        xl, yl = x0 / ds, y0 / ds
+        if not (xl.is_integer() and yl.is_integer()):  # OpenSlide resamples these
+            return None
+        arr = self._tiff.read(level, int(xl), int(yl), size_px, size_px)
+        if arr is None or self._tiff_state == "verified":
+            return arr
+        reference = self._read_openslide(x0, y0, level, size_px)
+        if np.array_equal(arr, reference):
+            # a uniform region (glass, outside the slide) proves nothing about the decoder
+            if arr.min() != arr.max():
+                self._tiff_state = "verified"
+            return arr
+        log.warning("%s: direct TIFF tile decoding differs from OpenSlide at (%d, %d) level %d; "
+                    "reading this slide through OpenSlide", self.path, x0, y0, level)
+        self._tiff_state = "off"
+        self._tiff.close()
+        self._tiff = None
+        return reference
 
     def read_tile(self, x0: int, y0: int, geom: TileGeometry) -> np.ndarray:
         """The tile at level-0 (x0, y0) as (tile_size_px, tile_size_px, 3) uint8."""
