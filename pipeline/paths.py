@@ -53,3 +53,8 @@ class Paths:
 
     def prediction_file(self, method: str, slide_id: str) -> Path:
         return self._p("data", "predictions", method, f"{slide_id}.h5")
+
+    def timings_file(self, stage: str) -> Path:
+        """reports/timings/<stage>.json: a stage's wall-clock seconds (`stage` = its dvc.yaml
+        name). Kept out of the metrics JSONs so `dvc metrics diff` moves only with results."""
+        return self._p("reports", "timings", f"{stage}.json")

@@ -11,7 +11,8 @@ statistics would otherwise overwrite the running ones learned on batches of maps
 
 Writes models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json (metrics),
 reports/e2e.csv (per-epoch loss), data/features_e2e/<slide>.h5 (features of the finetuned
-extractor) and data/predictions/e2e/<slide>.h5.
+extractor), data/predictions/e2e/<slide>.h5 and reports/timings/e2e-finetune.json (wall times,
+kept out of the metrics).
 
 Under `torchrun --nproc_per_node=W` (docs/distributed.md) a step is W slides, one per rank, from
 the same seeded epoch order (rank r takes positions r, r + W, ...): both models' gradients are
@@ -47,7 +48,7 @@ from pipeline.distributed import (
 )
 from pipeline.e2e import ChunkSource, e2e_slide_step
 from pipeline.featuremap import MapLayout
-from pipeline.io import sha256_file
+from pipeline.io import sha256_file, write_json_atomic
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import load_extractor, load_unet, save_checkpoint
@@ -64,6 +65,7 @@ from pipeline.segment import (
 from pipeline.stages.extract_features import extract_all
 
 log = get_logger("pipeline.e2e_finetune")
+STAGE = "e2e-finetune"
 
 
 def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -241,18 +243,21 @@ def run(params: Params, paths: Paths) -> dict:
         "train_loss_first_epoch": rows[0][1] if rows else float("nan"),
         "train_loss_last_epoch": rows[-1][1] if rows else float("nan"),
         "epochs": p.epochs, "lr_fe": p.lr_fe, "lr_seg": p.lr_seg,
-        "n_train_slides": len(train_ids), "seconds": round(time.time() - t0, 1),
-        "feature_extraction_seconds": feat_summary["seconds"],
+        "n_train_slides": len(train_ids),
     }
     if world > 1:
         metrics["world_size"] = world
+    # wall times: the summary and reports/timings only (the metrics would change every run)
+    timings = {"seconds": round(time.time() - t0, 3),
+               "feature_extraction_seconds": feat_summary["seconds"]}
     if main:
         write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
         write_metrics(paths.reports / "e2e.json", metrics)
-        log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv}",
-                 ext_ckpt, unet_ckpt)
+        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, **timings})
+        log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv} "
+                 "in %.1f s", ext_ckpt, unet_ckpt, timings["seconds"])
     barrier()
-    return metrics
+    return {**metrics, **timings}
 
 
 def _keep(meta: dict) -> dict:
@@ -269,7 +274,8 @@ def cli(
     (labels and map layouts), the slides (or pixel caches); params seed, e2e.*, featuremap.*,
     unet.depth, extractor.crop_px/workers, tile.cache_pixels.
     Writes: models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json, reports/e2e.csv,
-    data/features_e2e/*.h5, data/predictions/e2e/*.h5. Data-parallel under torchrun.
+    data/features_e2e/*.h5, data/predictions/e2e/*.h5, reports/timings/e2e-finetune.json.
+    Data-parallel under torchrun.
     """
     relaunch_if_requested()
     run(load_params(params_file), Paths())

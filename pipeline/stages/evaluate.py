@@ -28,8 +28,8 @@ Reads:  the manifest (data.manifest), data/tiles/<slide>.h5, data/labels/<slide>
 Writes: reports/metrics.json (NaN -> null), reports/curves/{pr,roc}.csv (long format, one row
         per point, column `method`), reports/evaluate_slides.csv (per slide x method),
         reports/camelyon17/<method>_submission.csv + reference.csv, reports/figures/<slide>.png
-        and <slide>_heatmap.png (evaluated split), reports/figures/{pr,roc}_curves.png and
-        reports/index.html.
+        and <slide>_heatmap.png (evaluated split), reports/figures/{pr,roc}_curves.png,
+        reports/index.html and reports/timings/evaluate.json (wall time; not a metric).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from pipeline.stages.tile import read_tile_index
 from pipeline.tileindex import attr_value
 
 log = get_logger("pipeline.evaluate")
+STAGE = "evaluate"
 
 NOT_RUN = "not run"
 # Resolution of the CAMELYON16 evaluation mask: the official script works at level 5 of
@@ -609,12 +610,14 @@ def run(params: Params, paths: Paths) -> dict:
         slide_rows=slide_rows, c17_details=c17_details, slide_figs=slide_figs,
         curve_figs=curve_figs, training=training,
     )
-    log.info("wrote %d slide figures to %s and %s", 2 * len(slide_figs), fig_dir,
-             rep / "index.html")
+    seconds = round(time.time() - t0, 3)
+    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": seconds})
+    log.info("wrote %d slide figures to %s and %s; evaluate took %.1f s", 2 * len(slide_figs),
+             fig_dir, rep / "index.html", seconds)
     summary = {"split": ep.split, "threshold": thr, "n_slides": len(split_ids),
                "methods_run": run_methods,
                "not_run": [x for x in METHODS if x not in run_methods],
-               "seconds": round(time.time() - t0, 1)}
+               "seconds": seconds}
     for meth in run_methods:
         pm = metrics["patch"][meth]
         summary[meth] = {"accuracy": pm["accuracy"], "pr_auc": pm["pr_auc"],
@@ -639,7 +642,8 @@ def cli(
     data/predictions/<method> (separate, e2e, seg_only, frozen; absent = "not run"),
     annotations, reports/*.json; params evaluate.*, data.manifest, seed.
     Writes: reports/metrics.json, reports/curves/{pr,roc}.csv, reports/evaluate_slides.csv,
-    reports/camelyon17/*.csv, reports/figures/*.png, reports/index.html.
+    reports/camelyon17/*.csv, reports/figures/*.png, reports/index.html,
+    reports/timings/evaluate.json.
     """
     s = run(load_params(params_file), Paths())
     for meth in s["methods_run"]:

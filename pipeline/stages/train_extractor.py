@@ -5,7 +5,8 @@ pixels from the slides (or the pixel cache), trains with the paper's augmentatio
 class balancing, keeps the checkpoint with the lowest validation loss.
 
 Writes models/extractor.pt (weights + the params that made them), reports/train_extractor.json
-(DVC metrics) and reports/train_extractor.csv (per-epoch curves, DVC plots).
+(DVC metrics), reports/train_extractor.csv (per-epoch curves, DVC plots) and
+reports/timings/train-extractor.json (wall time, kept out of the metrics).
 
 Under `torchrun --nproc_per_node=K` (pipeline/distributed.py, docs/distributed.md): DDP, each
 rank trains on its slice of the same seeded epoch list at batch extractor.batch_size / K (the
@@ -47,6 +48,7 @@ from pipeline.runtime import TrainingError, autocast, check_finite, pick_device,
 
 log = get_logger("pipeline.train_extractor")
 
+STAGE = "train-extractor"
 CHECKPOINT = "extractor.pt"
 METRICS = "train_extractor.json"
 CURVES = "train_extractor.csv"
@@ -186,8 +188,8 @@ def run(params: Params, paths: Paths) -> dict:
         "train_loss_last": rows[-1][1],
         "n_train_patches": len(train),
         "n_val_patches": len(val),
-        "seconds": round(time.time() - t0, 1),
     }
+    seconds = round(time.time() - t0, 3)  # timings file and summary only, not the metrics
     extra = {"world_size": world} if world > 1 else {}
     metrics.update(extra)
     if main:
@@ -200,10 +202,11 @@ def run(params: Params, paths: Paths) -> dict:
             f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
         )
         write_text_atomic(paths.reports / CURVES, csv)
-        log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s", ckpt, best_epoch, best,
-                 paths.reports / METRICS, paths.reports / CURVES)
+        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": seconds})
+        log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, best_epoch,
+                 best, paths.reports / METRICS, paths.reports / CURVES, seconds)
     barrier()  # the outputs exist for every rank once this returns
-    return metrics
+    return {**metrics, "seconds": seconds}
 
 
 def cli(
@@ -213,7 +216,8 @@ def cli(
 
     Reads: the manifest's train/val slides, data/tiles/*.h5, data/labels/*.h5 (and the slides
     or pixel caches); params seed, extractor.*, tile.cache_pixels.
-    Writes: models/extractor.pt, reports/train_extractor.json, reports/train_extractor.csv.
+    Writes: models/extractor.pt, reports/train_extractor.json, reports/train_extractor.csv,
+    reports/timings/train-extractor.json.
     Data-parallel under torchrun (docs/distributed.md).
     """
     relaunch_if_requested()

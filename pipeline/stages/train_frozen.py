@@ -30,7 +30,8 @@ trained on them exactly as in Separate Learning (`train_and_predict`: featuremap
 and predictions for every tile.
 
 Writes models/frozen_extractor.pt, models/frozen_unet.pt, data/features_frozen/<slide>.h5,
-data/predictions/frozen/<slide>.h5, reports/train_frozen.json, reports/train_frozen.csv.
+data/predictions/frozen/<slide>.h5, reports/train_frozen.json, reports/train_frozen.csv, and
+reports/timings/train-frozen.json (wall times, kept out of the metrics).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import typer
 from pipeline.augment import eval_transform
 from pipeline.data import slide_loader
 from pipeline.errors import PipelineError
+from pipeline.io import write_json_atomic
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
 from pipeline.models import (
@@ -66,6 +68,7 @@ from pipeline.tileindex import read_tile_index
 
 log = get_logger("pipeline.train_frozen")
 
+STAGE = "train-frozen"
 METHOD = "frozen"
 VARIANT = "frozen"
 REPORT_NAME = "train_frozen"
@@ -150,7 +153,8 @@ def _same_checkpoint(path: Path, model: PatchClassifier, meta: dict) -> bool:
 def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
     """Build (and save) the frozen extractor, extract features of every slide with it, train
     the U-Net on them and predict every tile; returns the metrics written to
-    reports/train_frozen.json. `standardize` None: params `frozen.standardize` (default True)."""
+    reports/train_frozen.json plus wall `seconds` and `feature_seconds` (which the file leaves
+    out). `standardize` None: params `frozen.standardize` (default True)."""
     t0 = time.time()
     if standardize is None:
         standardize = _standardize_setting(params)
@@ -172,14 +176,18 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
         save_checkpoint(ckpt, model, meta)
         log.info("wrote %s", ckpt)
     feat = extract_all(params, paths, ckpt, variant=VARIANT)
-    metrics = train_and_predict(params, paths, VARIANT, METHOD, paths.models / "frozen_unet.pt",
-                                REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)})
-    metrics = {**metrics, ATTR: source, ATTR_STANDARDIZED: bool(standardize),
-               "n_standardization_tiles": n_stats, "extractor_arch": params.extractor.arch,
-               "feature_seconds": feat["seconds"], "seconds": round(time.time() - t0, 1)}
+    unet = train_and_predict(params, paths, VARIANT, METHOD, paths.models / "frozen_unet.pt",
+                             REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)})
+    metrics = {**{k: v for k, v in unet.items() if k != "seconds"}, ATTR: source,
+               ATTR_STANDARDIZED: bool(standardize), "n_standardization_tiles": n_stats,
+               "extractor_arch": params.extractor.arch}
     write_metrics(paths.reports / f"{REPORT_NAME}.json", metrics)
-    log.info("frozen baseline (%s extractor): %s", source, json.dumps(metrics))
-    return metrics
+    # wall times: the summary and reports/timings only (the metrics would change every run)
+    timings = {"feature_seconds": feat["seconds"], "unet_seconds": unet["seconds"],
+               "seconds": round(time.time() - t0, 3)}
+    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, **timings})
+    log.info("frozen baseline (%s extractor): %s", source, json.dumps({**metrics, **timings}))
+    return {**metrics, **timings}
 
 
 def cli(
@@ -192,6 +200,7 @@ def cli(
     torch hub cache; params seed, tile.*, label.*, extractor.arch/feature_dim/crop_px/workers/amp,
     featuremap.*, unet.*, frozen.standardize (when present; default true).
     Writes: models/frozen_extractor.pt, models/frozen_unet.pt, data/features_frozen/*.h5,
-    data/predictions/frozen/<slide_id>.h5, reports/train_frozen.json, reports/train_frozen.csv.
+    data/predictions/frozen/<slide_id>.h5, reports/train_frozen.json, reports/train_frozen.csv,
+    reports/timings/train-frozen.json.
     """
     run(load_params(params_file), Paths())

@@ -6,8 +6,9 @@ features on its canvas (featuremap.*), trains the U-Net with softmax CE on tumor
 every tile of every slide (nolabel ones too).
 
 Writes models/unet.pt, reports/train_unet.json (metrics), reports/train_unet.csv (per-epoch),
-and data/predictions/separate/<slide>.h5. `train_and_predict` also serves the frozen-feature
-baseline (features from an untrained/ImageNet extractor).
+data/predictions/separate/<slide>.h5 and reports/timings/train-unet.json (wall time, kept out
+of the metrics). `train_and_predict` also serves the frozen-feature baseline (features from an
+untrained/ImageNet extractor).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.io import sha256_file
+from pipeline.io import sha256_file, write_json_atomic
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import save_checkpoint
@@ -34,6 +35,7 @@ from pipeline.segment import (
 )
 
 log = get_logger("pipeline.train_unet")
+STAGE = "train-unet"
 
 
 def train_and_predict(
@@ -42,7 +44,8 @@ def train_and_predict(
 ) -> dict:
     """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
     write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
-    slide to data/predictions/<method>/."""
+    slide to data/predictions/<method>/. Returns the metrics plus `seconds` (wall time, which
+    the metrics file leaves out: it would change every run)."""
     t0 = time.time()
     seed_everything(params.seed)
     device = pick_device()
@@ -73,17 +76,20 @@ def train_and_predict(
     metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
                "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
                "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
-               "tiles_off_canvas_by_slide": off_canvas,
-               "seconds": round(time.time() - t0, 1)}
+               "tiles_off_canvas_by_slide": off_canvas}
     write_metrics(paths.reports / f"{report_name}.json", metrics)
-    log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv}", checkpoint, len(maps),
-             paths.prediction_file(method, "x").parent, paths.reports / report_name)
-    return metrics
+    seconds = round(time.time() - t0, 3)
+    log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
+             len(maps), paths.prediction_file(method, "x").parent, paths.reports / report_name,
+             seconds)
+    return {**metrics, "seconds": seconds}
 
 
 def run(params: Params, paths: Paths) -> dict:
-    return train_and_predict(params, paths, "", "separate", paths.models / "unet.pt",
-                             "train_unet")
+    summary = train_and_predict(params, paths, "", "separate", paths.models / "unet.pt",
+                                "train_unet")
+    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": summary["seconds"]})
+    return summary
 
 
 def cli(
@@ -93,7 +99,7 @@ def cli(
 
     Reads: the manifest, data/features/*.h5; params seed, featuremap.*, unet.*.
     Writes: models/unet.pt, reports/train_unet.json, reports/train_unet.csv,
-    data/predictions/separate/<slide_id>.h5.
+    data/predictions/separate/<slide_id>.h5, reports/timings/train-unet.json.
     """
     run(load_params(params_file), Paths())
 
