@@ -47,6 +47,12 @@ def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
         yield
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (cuDNN's fast layout for bf16 convolutions); contiguous on CPU,
+    where the layout would change the float rounding of CPU runs kept reproducible."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def check_finite(loss: torch.Tensor, where: str, epoch: int, batch: int) -> None:
     """Stop with the epoch and batch named when the loss is NaN or inf."""
     if not torch.isfinite(loss.detach()).all():

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.augment import eval_transform
+from pipeline.augment import eval_transform, normalize_only
 from pipeline.featuremap import build_layouts, place
 from pipeline.models import build_extractor, save_checkpoint
 from pipeline.params import Params
@@ -97,3 +97,67 @@ def test_unet_prediction_of_tile_i_is_read_at_its_canvas_cell(
     swapped = feats.copy()
     swapped[[0, -1]] = swapped[[-1, 0]]
     assert not np.allclose(predict_tiles(unet, swapped, [layout], torch.device("cpu")), probs)
+
+
+def test_loader_batches_are_the_eval_transform_bit_for_bit(
+    tmp_path, write_manifest, synthetic_slide_factory
+):
+    """The extraction loader's HWC centre crops, made model input, equal eval_transform on the
+    CHW tile exactly: same crop offsets, same normalisation, contiguous NCHW on CPU."""
+    slide = synthetic_slide_factory()
+    params, paths = _project(tmp_path, write_manifest, slide.path)
+    index = read_tile_index(paths.tile_file("s1"))
+    loader = extract_features.slides_loader([paths.tile_file("s1")], CROP, workers=0,
+                                            batch_size=7)
+    x, rows = next(iter(loader))
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (7, CROP, CROP, 3)
+    got = extract_features.model_input(x, torch.device("cpu"), normalize_only())
+    assert got.is_contiguous() and tuple(got.shape) == (7, 3, CROP, CROP)
+    with Slide(slide.path) as s:
+        for b, i in enumerate(rows.tolist()):
+            px = torch.from_numpy(s.read_tile(*index.coords[i], index.geometry).copy())
+            want = eval_transform(CROP)(px.permute(2, 0, 1))
+            assert torch.equal(got[b], want), f"tile {i}"
+    # the check can fail: a crop one pixel off is not equal
+    shifted = extract_features.model_input(torch.roll(x, 1, dims=1), torch.device("cpu"),
+                                           normalize_only())
+    assert not torch.equal(shifted, got)
+
+
+def test_slides_split_over_loaders_give_the_same_features(
+    tmp_path, write_manifest, synthetic_slide_factory, monkeypatch
+):
+    slide = synthetic_slide_factory()
+    raw = make_params(write_manifest([("s1", slide.path), ("s2", slide.path),
+                                      ("s3", slide.path)]), **SYNTH).model_dump(mode="json")
+    raw["extractor"].update(crop_px=CROP, workers=0)
+    params = Params.model_validate(raw)
+    paths = Paths(root=tmp_path)
+    tile.run(params, paths)
+    label.run(params, paths)
+    torch.manual_seed(0)
+    save_checkpoint(paths.models / "extractor.pt", build_extractor("small_cnn", 16),
+                    {"params_json": params.section_json("seed", "extractor", "tile")})
+
+    def features() -> list[np.ndarray]:
+        out = []
+        for sid in ("s1", "s2", "s3"):
+            with h5py.File(paths.feature_file(sid), "r") as f:
+                out.append(f["features"][...])
+        return out
+
+    groups = []
+    real = extract_features._loader_groups
+    monkeypatch.setattr(extract_features, "_loader_groups",
+                        lambda *a: (groups.append(g) or (g, i) for g, i in real(*a)))
+    extract_features.run(params, paths)
+    one_loader = features()
+    assert groups == [["s1", "s2", "s3"]]
+    monkeypatch.setattr(extract_features, "TILES_PER_LOADER", 1)  # one slide per loader
+    groups.clear()
+    for sid in ("s1", "s2", "s3"):
+        paths.feature_file(sid).unlink()
+    extract_features.run(params, paths)
+    assert groups == [["s1"], ["s2"], ["s3"]]
+    for a, b in zip(one_loader, features(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -6,16 +6,18 @@ extractor in eval mode on the centre crop: `features` = f_{n-1} (the feature lay
 once, uint8 crops, normalised on the device; benchmarks/extraction.py measures it).
 Output data/features/<slide_id>.h5 per pipeline/schema.py, stamped with the checkpoint's
 sha256 and the tile params; a rerun skips slides whose file is current, so a killed run resumes.
-`extract_all` is also used by e2e-finetune and the frozen-feature baseline.
+`extract_all` is also used by e2e-finetune and the frozen-feature baseline. The stage's wall
+time goes to reports/timings/extract-features.json (unsharded runs; rank 0).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -24,20 +26,25 @@ import torch
 import typer
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
-from torchvision.transforms import v2
 
 from pipeline.augment import normalize_only
 from pipeline.data import SlidePatchDataset
-from pipeline.distributed import barrier, init_if_needed, relaunch_if_requested, summary_sum
+from pipeline.distributed import (
+    barrier,
+    init_if_needed,
+    is_main,
+    relaunch_if_requested,
+    summary_sum,
+)
 from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, h5_is_current, sha256_file
+from pipeline.io import atomic_h5, h5_is_current, sha256_file, write_json_atomic
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import PatchClassifier, extractor_expectations, load_extractor
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
-from pipeline.runtime import autocast, pick_device
+from pipeline.runtime import autocast, memory_format, pick_device
 from pipeline.schema import (
     COORDS,
     FEATURE_DTYPES,
@@ -51,11 +58,13 @@ from pipeline.sharding import parse_shard
 from pipeline.tileindex import TileIndex, read_tile_index
 
 log = get_logger("pipeline.extract_features")
+STAGE = "extract-features"
 
 BATCH_SIZE = 128
-# Slides streamed by one DataLoader (its workers start once per group): bounds the per-slide
-# tile indices held at once when a shard has thousands of slides.
-SLIDES_PER_LOADER = 64
+# Tiles streamed by one DataLoader (its workers start once per group of slides): bounds the
+# per-slide tile indices held at once (~50 MB per 10^6 tiles) when a shard has thousands of
+# slides, without restarting the workers every few small slides.
+TILES_PER_LOADER = 1_000_000
 
 
 def feature_params_hash(params: Params, extractor_sha256: str) -> str:
@@ -95,12 +104,34 @@ class _BatchPlan:
         return sum(math.ceil(n / self.batch_size) for n in self.sizes)
 
 
+class _CentreCrops(SlidePatchDataset):
+    """One slide's tiles in order as (uint8 (crop, crop, 3) centre crop, tile row). HWC as read:
+    a CHW copy per tile in the worker cost a third of its time; the batch is permuted on the
+    device instead (`model_input`), which on a GPU is already the channels_last layout."""
+
+    def __init__(self, tile_file: Path, crop_px: int, pixel_cache_file: Path | None = None):
+        super().__init__(tile_file, None, None, pixel_cache_file)
+        self.crop_px = int(crop_px)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        i = int(self.indices[j])
+        arr = self._reader.read(0, i)
+        h, w, c = arr.shape[0], arr.shape[1], self.crop_px
+        if c > min(h, w):
+            raise PipelineError(f"{self.index.path}: extractor.crop_px {c} is larger than the "
+                                f"{h}x{w} px tiles")
+        # torchvision's CenterCrop offsets, so features match eval_transform exactly
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        return torch.from_numpy(np.ascontiguousarray(arr[top:top + c, left:left + c])), i
+
+
 def slides_loader(
     tile_files: Sequence[Path], crop_px: int, workers: int,
     pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
 ) -> DataLoader:
-    """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, 3, crop, crop)
-    centre crops, tile rows); a batch never spans two slides (`_BatchPlan`).
+    """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, crop, crop, 3)
+    centre crops, tile rows); a batch never spans two slides (`_BatchPlan`). `model_input`
+    turns a batch into the model's input.
 
     Why one loader, not one per slide: its workers start once and keep prefetching across
     slide boundaries; a loader per slide forks its workers per slide and drains the pipeline
@@ -109,13 +140,23 @@ def slides_loader(
     eval_transform after its crop, so the same bits), and a uint8 batch is 4x less to move
     from the workers."""
     caches = list(pixel_cache_files) if pixel_cache_files is not None else [None] * len(tile_files)
-    crop = v2.CenterCrop(crop_px)
-    parts = [SlidePatchDataset(tf, None, crop, c) for tf, c in zip(tile_files, caches, strict=True)]
+    parts = [_CentreCrops(tf, crop_px, c) for tf, c in zip(tile_files, caches, strict=True)]
     kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
     if workers > 0:
         kw["prefetch_factor"] = 4
     return DataLoader(ConcatDataset(parts), batch_sampler=_BatchPlan([len(d) for d in parts],
                                                                      batch_size), **kw)
+
+
+def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.Tensor:
+    """A `slides_loader` batch (uint8 B, H, W, 3) -> normalised float (B, 3, H, W) on `device`
+    in its memory format (`pipeline.runtime.memory_format`: the permuted batch already is
+    channels_last; on CPU it is made contiguous NCHW, as the model always saw there)."""
+    fmt = memory_format(device)
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if fmt == torch.contiguous_format:  # reorder the uint8 bytes, not 4x as many floats
+        x = x.contiguous()
+    return norm(x).contiguous(memory_format=fmt)
 
 
 @torch.no_grad()
@@ -128,22 +169,51 @@ def infer_slides(
     if not tile_files:  # every slide already current: nothing to stream
         return
     model.eval()
+    fmt = memory_format(device)
+    model.to(memory_format=fmt)
     loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files)
     sizes = [len(d) for d in loader.dataset.datasets]
     norm = normalize_only()
     batches = iter(loader)
-    for k, n in enumerate(sizes):
-        feats = np.empty((n, model.feature_dim), np.float32)
-        probs = np.empty(n, np.float32)
-        for _ in range(math.ceil(n / BATCH_SIZE)):
-            x, idx = next(batches)
-            x = norm(x.to(device, non_blocking=True))
-            with autocast(device, amp):
-                f = model.features(x)
-                logits = model.head(f)
-            feats[idx.numpy()] = f.float().cpu().numpy()
-            probs[idx.numpy()] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
-        yield k, feats, probs
+
+    def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for k, n in enumerate(sizes):
+            for _ in range(math.ceil(n / BATCH_SIZE)):
+                x, idx = next(batches)
+                x = model_input(x, device, norm)
+                with autocast(device, amp):
+                    f = model.features(x)
+                    logits = model.head(f)
+                yield k, idx, f.float(), torch.softmax(logits.float(), 1)[:, 1]
+
+    # Copy a batch's results to the host only after the next batch is launched: on a GPU the
+    # copy waits for the batch to finish, and the device would otherwise idle while the host
+    # fetches and launches the next one. (On CPU the order of work is unchanged.)
+    feats = probs = np.empty(0)
+    k_cur, done, k_next = -1, 0, 0
+    pending = None
+    for item in itertools.chain(launched(), [None]):
+        if pending is not None:
+            k, idx, f, p = pending
+            if k != k_cur:
+                k_cur, done = k, 0
+                feats = np.empty((sizes[k], model.feature_dim), np.float32)
+                probs = np.empty(sizes[k], np.float32)
+            feats[idx.numpy()] = f.cpu().numpy()
+            probs[idx.numpy()] = p.cpu().numpy()
+            done += len(idx)
+            if done == sizes[k]:
+                for empty in range(k_next, k):  # slides without tiles, in order
+                    yield empty, *_no_rows(model.feature_dim)
+                yield k, feats, probs
+                k_next = k + 1
+        pending = item
+    for empty in range(k_next, len(sizes)):
+        yield empty, *_no_rows(model.feature_dim)
+
+
+def _no_rows(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty((0, dim), np.float32), np.empty(0, np.float32)
 
 
 def infer_slide(
@@ -237,9 +307,7 @@ def extract_all(
     done = n_tiles = 0
     bar = progress(total=len(todo), unit="slide", disable=rank != 0,
                    desc=f"features{'/' + variant if variant else ''}")
-    for g in range(0, len(todo), SLIDES_PER_LOADER):
-        group = todo[g:g + SLIDES_PER_LOADER]
-        inputs = [_slide_inputs(paths, sid) for sid in group]  # a bad label file fails early
+    for group, inputs in _loader_groups(paths, todo):
         caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
                   for sid in group]
         for k, feats, probs in infer_slides(model, [paths.tile_file(sid) for sid in group],
@@ -260,7 +328,7 @@ def extract_all(
     barrier()  # every rank's files exist once this returns
     summary = {"checkpoint": str(checkpoint), "extractor_sha256": sha, "n_slides": n_slides,
                "n_extracted": done, "n_current": skipped, "n_tiles": n_tiles,
-               "seconds": round(time.time() - t0, 1)}
+               "seconds": round(time.time() - t0, 3)}
     summary = summary_sum(summary, ("n_extracted", "n_current", "n_tiles"), device)
     if rank == 0:
         log.info("read %s; wrote %d feature files to %s (%d already current): %s", checkpoint,
@@ -269,8 +337,33 @@ def extract_all(
     return summary
 
 
+def _loader_groups(
+    paths: Paths, slide_ids: Sequence[str],
+) -> Iterator[tuple[list[str], list[tuple[TileIndex, np.ndarray]]]]:
+    """Consecutive slides with at most TILES_PER_LOADER tiles together (at least one slide),
+    with their checked inputs (a bad label file fails before its group is streamed)."""
+    group: list[str] = []
+    inputs: list[tuple[TileIndex, np.ndarray]] = []
+    n = 0
+    for sid in slide_ids:
+        one = _slide_inputs(paths, sid)
+        if group and n + one[0].n > TILES_PER_LOADER:
+            yield group, inputs
+            group, inputs, n = [], [], 0
+        group.append(sid)
+        inputs.append(one)
+        n += one[0].n
+    if group:
+        yield group, inputs
+
+
 def run(params: Params, paths: Paths, shard: tuple[int, int] | None = None) -> dict:
-    return extract_all(params, paths, paths.models / "extractor.pt", "", shard)
+    summary = extract_all(params, paths, paths.models / "extractor.pt", "", shard)
+    # An array job's shards would overwrite each other's time: only a whole run records it.
+    if shard is None and is_main():
+        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE,
+                                                      "seconds": summary["seconds"]})
+    return summary
 
 
 def cli(
@@ -281,7 +374,8 @@ def cli(
 
     Reads: models/extractor.pt, the manifest, data/tiles/*.h5, data/labels/*.h5, the slides (or
     pixel caches); params tile.*, label.*, extractor.crop_px/workers/amp.
-    Writes: data/features/<slide_id>.h5 (features, tumor_prob, coords, grid, label, lump_id).
+    Writes: data/features/<slide_id>.h5 (features, tumor_prob, coords, grid, label, lump_id),
+    reports/timings/extract-features.json (not with --shard).
     Under torchrun, slides are split over the ranks (docs/distributed.md).
     """
     relaunch_if_requested()
