@@ -171,14 +171,15 @@ def infer_slides(
     model.eval()
     fmt = memory_format(device)
     model.to(memory_format=fmt)
-    loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files)
+    batch_size = BATCH_SIZE
+    loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files, batch_size)
     sizes = [len(d) for d in loader.dataset.datasets]
     norm = normalize_only()
     batches = iter(loader)
 
     def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         for k, n in enumerate(sizes):
-            for _ in range(math.ceil(n / BATCH_SIZE)):
+            for _ in range(math.ceil(n / batch_size)):
                 x, idx = next(batches)
                 x = model_input(x, device, norm)
                 with autocast(device, amp):
