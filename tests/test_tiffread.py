@@ -14,19 +14,34 @@ from pipeline.tiff import write_pyramidal_tiff
 from pipeline.tiffread import TiledTiffLevels
 
 
-@pytest.fixture(scope="module")
-def textured_tiff(tmp_path_factory):
-    """A 3-level JPEG TIFF of smooth random texture whose size is no multiple of the tile, so
-    the right and bottom tiles are partly padding."""
+def _textured(tmp_path_factory, tile_px: int):
     rng = np.random.default_rng(3)
     h, w = 900, 1100
     coarse = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
     img = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:h, :w]
     img += rng.normal(0, 12, size=img.shape)
-    path = tmp_path_factory.mktemp("tiffread") / "textured.tiff"
+    path = tmp_path_factory.mktemp("tiffread") / f"textured_{tile_px}.tiff"
     write_pyramidal_tiff(path, np.clip(img, 0, 255).astype(np.uint8), mpp=0.5, n_levels=3,
-                         tile_px=256)
+                         tile_px=tile_px)
     return path
+
+
+@pytest.fixture(scope="module")
+def textured_tiff(tmp_path_factory):
+    """A 3-level JPEG TIFF (256-px tiles) of smooth random texture whose size is no multiple of
+    the tile, so the right and bottom tiles are partly padding."""
+    return _textured(tmp_path_factory, 256)
+
+
+@pytest.mark.parametrize("tile_px", [128, 512])
+def test_other_tiff_tile_sizes_equal_openslide(tmp_path_factory, tile_px):
+    """CAMELYON16 .tif files use 512-px tiles; 128 makes every region straddle many tiles."""
+    path = _textured(tmp_path_factory, tile_px)
+    with Slide(path) as slide:
+        for x0, y0, level, size in REGIONS:
+            np.testing.assert_array_equal(slide.read_rgb(x0, y0, level, size),
+                                          slide._read_openslide(x0, y0, level, size))
+        assert slide.direct_reads
 
 
 # (x0, y0) in level-0 px, level, size: aligned, straddling 4 tiles, over the right/bottom edge,
