@@ -90,9 +90,8 @@ class Slide:
         self.mpp: float | None = mpp
         self.vendor: str = props.get("openslide.vendor", "unknown")
         self._tiff: TiledTiffLevels | None = None
-        self._tiff_state = "unchecked"  # unchecked -> verified | off
-        if os.environ.get(READER_ENV, "auto") == "openslide":
-            self._tiff_state = "off"
+        self._tiff_off = os.environ.get(READER_ENV, "auto") == "openslide"  # for good once off
+        self._tiff_verified: set[int] = set()  # levels whose decoding matched OpenSlide
 
     def close(self) -> None:
         if self._tiff is not None:
@@ -149,9 +148,9 @@ class Slide:
         (outside-slide) pixels become white, as on glass.
 
         Tiled TIFF levels (generic TIFF, Aperio) are decoded directly (pipeline/tiffread.py);
-        the first such region of each handle is compared with OpenSlide and any difference
-        turns the direct path off for this slide, so pixels are always OpenSlide's."""
-        if self._tiff_state != "off":
+        the first non-uniform region of each level is compared with OpenSlide and any
+        difference turns the direct path off for this slide, so pixels are always OpenSlide's."""
+        if not self._tiff_off:
             fast = self._read_direct(int(x0), int(y0), int(level), int(size_px))
             if fast is not None:
                 return fast
@@ -159,8 +158,8 @@ class Slide:
 
     @property
     def direct_reads(self) -> bool:
-        """Whether tiles are currently decoded directly from the TIFF (after the first read)."""
-        return self._tiff_state == "verified"
+        """Whether tiles are decoded directly from the TIFF (a level verified, none failed)."""
+        return bool(self._tiff_verified) and not self._tiff_off
 
     def _read_openslide(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray:
         try:
@@ -170,27 +169,27 @@ class Slide:
         return _rgba_to_rgb(np.asarray(rgba))
 
     def _read_direct(self, x0: int, y0: int, level: int, size_px: int) -> np.ndarray | None:
-        if self._tiff_state == "unchecked" and self._tiff is None:
+        if self._tiff is None:
             self._tiff = TiledTiffLevels.open(self.path, self.vendor, self.level_dimensions)
             if self._tiff is None:
-                self._tiff_state = "off"
+                self._tiff_off = True
                 return None
         ds = self.level_downsamples[level]
         xl, yl = x0 / ds, y0 / ds
         if not (xl.is_integer() and yl.is_integer()):  # OpenSlide resamples these
             return None
         arr = self._tiff.read(level, int(xl), int(yl), size_px, size_px)
-        if arr is None or self._tiff_state == "verified":
+        if arr is None or level in self._tiff_verified:
             return arr
         reference = self._read_openslide(x0, y0, level, size_px)
         if np.array_equal(arr, reference):
             # a uniform region (glass, outside the slide) proves nothing about the decoder
             if arr.min() != arr.max():
-                self._tiff_state = "verified"
+                self._tiff_verified.add(level)
             return arr
         log.warning("%s: direct TIFF tile decoding differs from OpenSlide at (%d, %d) level %d; "
                     "reading this slide through OpenSlide", self.path, x0, y0, level)
-        self._tiff_state = "off"
+        self._tiff_off = True
         self._tiff.close()
         self._tiff = None
         return reference

@@ -168,3 +168,24 @@ def test_decoded_tile_cache_is_bounded(textured_tiff, monkeypatch):
         assert levels._tiles  # it did cache something
     finally:
         levels.close()
+
+
+def test_each_level_is_verified_on_its_own(textured_tiff, monkeypatch, caplog):
+    """Level 0 matching OpenSlide says nothing about level 1's page: it is checked too."""
+    real_read = TiledTiffLevels.read
+
+    def corrupt_level_1(self, level, *args):
+        out = real_read(self, level, *args)
+        if level == 1 and out is not None:
+            out = out.copy()
+            out[0, 0, 0] ^= 1
+        return out
+
+    monkeypatch.setattr(TiledTiffLevels, "read", corrupt_level_1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.slide"), Slide(textured_tiff) as slide:
+        slide.read_rgb(0, 0, 0, 256)
+        assert slide.direct_reads
+        got = slide.read_rgb(512, 256, 1, 256)
+        np.testing.assert_array_equal(got, slide._read_openslide(512, 256, 1, 256))
+        assert not slide.direct_reads
+    assert "level 1" in caplog.text
