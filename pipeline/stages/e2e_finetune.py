@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import typer
 from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torchvision.transforms import v2
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
-from pipeline.data import slide_loader
+from pipeline.data import SlidePatchDataset, slide_loader
 from pipeline.distributed import (
     all_reduce_mean_grads,
     all_reduce_sum,
@@ -46,7 +47,7 @@ from pipeline.distributed import (
     relaunch_if_requested,
     shard,
 )
-from pipeline.e2e import ChunkSource, e2e_slide_step
+from pipeline.e2e import ChunkSource, chunk_indices, e2e_slide_step
 from pipeline.featuremap import MapLayout
 from pipeline.io import sha256_file, write_json_atomic
 from pipeline.log import get_logger, progress
@@ -97,6 +98,64 @@ def loader_chunks(tile_file: Path, chunk_size: int, workers: int, cache_file: Pa
             yield idx.numpy(), px.float()
 
     return chunks
+
+
+class _RequestedChunks(Sampler[list[int]]):
+    """A DataLoader batch sampler whose batches are set before each pass: the chunks
+    (`chunk_indices`) of the requested tiles of one slide, as positions in the concatenation
+    of all slides. A DataLoader re-iterates its batch sampler at every `iter()`."""
+
+    def __init__(self, offsets: np.ndarray):
+        self.offsets = offsets
+        self.batches: list[list[int]] = []
+
+    def request(self, k: int, indices: np.ndarray, chunk_size: int) -> None:
+        self.batches = [(int(self.offsets[k]) + part).tolist()
+                        for part in chunk_indices(indices, chunk_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ChunkReader:
+    """The chunk sources of all train slides over ONE DataLoader with persistent workers.
+
+    Why: every e2e step streams its slide twice (pass 1 without a graph, pass 2 with one); a
+    DataLoader per pass forked its workers twice per slide per epoch. Here the workers start
+    once for the stage and each pass only sets the tiles to read. Yields exactly what
+    `loader_chunks` yields (same chunks, same pixels)."""
+
+    def __init__(self, tile_files: Sequence[Path], chunk_size: int, workers: int,
+                 cache_files: Sequence[Path | None]):
+        parts = [SlidePatchDataset(tf, None, None, c)
+                 for tf, c in zip(tile_files, cache_files, strict=True)]
+        sizes = np.array([len(d) for d in parts], dtype=np.int64)
+        self.chunk_size = int(chunk_size)
+        self.sampler = _RequestedChunks(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+        if workers > 0:
+            kw.update(persistent_workers=True, prefetch_factor=2)
+        self.loader: DataLoader | None = DataLoader(ConcatDataset(parts),
+                                                    batch_sampler=self.sampler, **kw)
+
+    def close(self) -> None:
+        """Stop the persistent workers (dropping the loader drops its iterator)."""
+        self.loader = None
+
+    def source(self, k: int) -> ChunkSource:
+        """The chunk source of slide k (its position in `tile_files`)."""
+
+        def chunks(indices: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+            if self.loader is None:
+                raise RuntimeError("ChunkReader used after close()")
+            self.sampler.request(k, np.asarray(indices, dtype=np.int64), self.chunk_size)
+            for px, idx in self.loader:
+                yield idx.numpy(), px.float()
+
+        return chunks
 
 
 @dataclass
@@ -181,6 +240,10 @@ def run(params: Params, paths: Paths) -> dict:
     if world > 1:
         log.info("rank %d of %d: %d slides per step (mean of their loss gradients), "
                  "%d steps per epoch", rank, world, world, math.ceil(len(train_ids) / world))
+    caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+              for sid in train_ids]
+    reader = ChunkReader([paths.tile_file(sid) for sid in train_ids], p.chunk_size,
+                         params.extractor.workers, caches)
     rows = []
     rng = np.random.default_rng(params.seed)
     for epoch in range(p.epochs):
@@ -195,11 +258,8 @@ def run(params: Params, paths: Paths) -> dict:
                 k = slides[rank]
                 sid = train_ids[k]
                 m = maps[sid]
-                cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
-                job = SlideJob(
-                    loader_chunks(paths.tile_file(sid), p.chunk_size, params.extractor.workers,
-                                  cache),
-                    m.layouts, m.labels, step_seed(params.seed, epoch, k))
+                job = SlideJob(reader.source(k), m.layouts, m.labels,
+                               step_seed(params.seed, epoch, k))
             out, _ = e2e_step(extractor, unet, opt_fe, opt_seg, job, p.chunk_size,
                               augment=augment, backprop_fraction=p.backprop_fraction,
                               epoch=epoch, step=step)
@@ -219,6 +279,7 @@ def run(params: Params, paths: Paths) -> dict:
         log.info("e2e epoch %d: mean slide loss %.5f, %d patches forwarded, %d re-forwarded",
                  epoch, rows[-1][1], n_pat, n_ref)
 
+    reader.close()  # its workers would otherwise idle through the feature extraction below
     ext_ckpt, unet_ckpt = paths.models / "e2e_extractor.pt", paths.models / "e2e_unet.pt"
     if main:
         extra = {"world_size": world} if world > 1 else {}
