@@ -177,27 +177,43 @@ class _CacheFile:
         self.file.close()
 
 
+# Open handles of this process, shared by every dataset: a loader over thousands of slides (one
+# dataset each) keeps MAX_OPEN_HANDLES open, not one per slide (each slide handle holds a file
+# descriptor and up to tiffread.TILE_CACHE_BYTES of decoded tiles).
+_SLIDE_HANDLES = _HandleCache()
+_CACHE_HANDLES = _HandleCache()
+
+
+def _file_key(path: Path) -> str:
+    """Handle key: the path and the file's identity, so a file replaced in place (same path, new
+    content) gets a new handle in readers made after the replacement."""
+    st = path.stat()
+    return f"{path}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_size}"
+
+
 class _TileReader:
     """Reads tile `i` of slide `k` (of a fixed list of tile indices) as (S, S, 3) uint8."""
 
     def __init__(self, indices: Sequence[TileIndex], cache_files: Sequence[Path | None]):
         self.indices = list(indices)
         self.cache_files = [None if c is None else str(c) for c in cache_files]
+        self._keys: list[str] = []
         for index, cache in zip(self.indices, self.cache_files, strict=True):
             if cache is not None:
                 check_pixel_cache(cache, index)
+                self._keys.append(_file_key(Path(cache)))
             elif not index.slide_path.exists():
                 raise DataError(f"{index.path}: slide {index.slide_path} not found")
-        self._slides = _HandleCache()
-        self._caches = _HandleCache()
+            else:
+                self._keys.append(_file_key(index.slide_path))
 
     def read(self, k: int, i: int) -> np.ndarray:
         index = self.indices[k]
         cache = self.cache_files[k]
         if cache is not None:
-            arr = self._caches.get(cache, _CacheFile).pixels[i]
+            arr = _CACHE_HANDLES.get(self._keys[k], lambda _key: _CacheFile(cache)).pixels[i]
         else:
-            slide = self._slides.get(str(index.slide_path), Slide)
+            slide = _SLIDE_HANDLES.get(self._keys[k], lambda _key: Slide(index.slide_path))
             x0, y0 = index.coords[i]
             arr = slide.read_tile(int(x0), int(y0), index.geometry)
         return arr

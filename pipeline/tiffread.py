@@ -7,11 +7,13 @@ Aperio SVS the level *is* a grid of compressed tiles, so a region is the stitche
 tiles it overlaps: `os.pread` of each tile's bytes + tifffile's own decoder for that page
 (imagecodecs: libjpeg-turbo, OpenJPEG, ...), the same libraries OpenSlide uses.
 
-Only used where the result is provably OpenSlide's: the vendor is generic-tiff or aperio, the
+Used only where the result should be OpenSlide's: the vendor is generic-tiff or aperio, the
 level is a tiled, 8-bit, 3-sample, contiguous page of exactly the level's size, the region's
 level coordinates are whole numbers (OpenSlide resamples fractional ones), and every tile it
-needs is present. `Slide` compares the first region each handle reads with OpenSlide and falls
-back for that slide if a single byte differs, so a decoder mismatch cannot change results.
+needs is present and, for JPEG, complete (a damaged tile goes to OpenSlide, which reports it).
+`Slide` compares the first non-uniform region of each level with OpenSlide, per handle, and
+falls back for that slide if a single byte differs: a decoder that disagrees with OpenSlide's
+on intact tiles cannot change results.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _Level:
     bytecounts: np.ndarray
     decode: Callable
     jpegtables: bytes | None
+    compression: int
 
 
 class TiledTiffLevels:
@@ -52,10 +55,10 @@ class TiledTiffLevels:
 
     Open with `TiledTiffLevels.open(...)`, which returns None when no level qualifies."""
 
-    def __init__(self, path: Path, levels: dict[int, _Level]):
+    def __init__(self, path: Path, levels: dict[int, _Level], fd: int):
         self.path = path
         self.levels = levels
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = fd
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._tile_bytes = 0
 
@@ -84,10 +87,13 @@ class TiledTiffLevels:
                         bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
                         # the decoder closes over the page's tags, not the open file
                         decode=page.decode, jpegtables=page.jpegtables,
+                        compression=int(page.compression),
                     )
-        except Exception:  # anything tifffile cannot parse is left to OpenSlide
+            if not levels:
+                return None
+            return cls(path, levels, os.open(path, os.O_RDONLY))
+        except Exception:  # anything tifffile cannot parse or open is left to OpenSlide
             return None
-        return cls(path, levels) if levels else None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -109,15 +115,19 @@ class TiledTiffLevels:
         if tx1 < 0 or ty1 < 0 or x_level >= lv.width or y_level >= lv.height:
             return np.full((h, w, 3), 255, np.uint8)
         tx1, ty1 = tx1 // lv.tile_w, ty1 // lv.tile_h
-        single = tx0 == tx1 and ty0 == ty1
-        if (single and x_level == tx0 * lv.tile_w and y_level == ty0 * lv.tile_h
-                and (w, h) == (lv.tile_w, lv.tile_h)
+        if (tx0 == tx1 and ty0 == ty1 and x_level == tx0 * lv.tile_w
+                and y_level == ty0 * lv.tile_h and (w, h) == (lv.tile_w, lv.tile_h)
                 and x_level + w <= lv.width and y_level + h <= lv.height):
-            return self._tile(level, lv, ty0 * lv.tiles_across + tx0, cache=False)
+            # exactly one whole tile (a grid aligned with the TIFF's): decoded once, not cached
+            k = ty0 * lv.tiles_across + tx0
+            tile = self._tile(level, lv, k, cache=False)
+            # a cached tile is shared with later reads: the caller gets its own copy
+            return tile.copy() if tile is not None and (level, k) in self._tiles else tile
         out = np.full((h, w, 3), 255, np.uint8)
         for ty in range(ty0, ty1 + 1):
             for tx in range(tx0, tx1 + 1):
-                tile = self._tile(level, lv, ty * lv.tiles_across + tx, cache=not single)
+                # parts of tiles: neighbouring reads need the rest of this tile, keep it
+                tile = self._tile(level, lv, ty * lv.tiles_across + tx, cache=True)
                 if tile is None:
                     return None
                 # intersection of the tile, the level and the region, in level pixels
@@ -137,6 +147,8 @@ class TiledTiffLevels:
         if k >= lv.offsets.size or lv.bytecounts[k] <= 0:
             return None
         data = os.pread(self._fd, int(lv.bytecounts[k]), int(lv.offsets[k]))
+        if lv.compression == 7 and not _whole_jpeg(data):
+            return None  # OpenSlide reports the damaged tile (libjpeg-turbo here only warns)
         try:
             arr = lv.decode(data, k, jpegtables=lv.jpegtables)[0]
             tile = arr.reshape(lv.tile_h, lv.tile_w, -1)
@@ -144,6 +156,8 @@ class TiledTiffLevels:
             return None
         if tile.shape[2] != 3 or tile.dtype != np.uint8:
             return None
+        if not tile.flags.writeable:  # e.g. uncompressed tiles: a view of the read-only bytes
+            tile = tile.copy()
         if cache:
             self._tiles[key] = tile
             self._tile_bytes += tile.nbytes
@@ -151,6 +165,13 @@ class TiledTiffLevels:
                 _, old = self._tiles.popitem(last=False)
                 self._tile_bytes -= old.nbytes
         return tile
+
+
+def _whole_jpeg(data: bytes) -> bool:
+    """A tile's JPEG stream ends at its only end-of-image marker. A truncated or cut-short
+    stream decodes here with a warning and a grey remainder, where OpenSlide raises; such tiles
+    are left to OpenSlide. (Entropy-coded data never contains FF D9: 0xFF bytes are stuffed.)"""
+    return data.endswith(b"\xff\xd9") and data.find(b"\xff\xd9") == len(data) - 2
 
 
 def _qualifies(page) -> bool:

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from pipeline import augment
 from pipeline.data import (
     CACHE_COMPRESSION,
+    MAX_OPEN_HANDLES,
     BalancedSampler,
     DataError,
     PatchDataset,
@@ -308,6 +309,31 @@ def test_handle_cache_is_lru_and_drops_handles_on_pickle():
     assert c2.max_open == 2 and not c2._open
     c._pid = -1  # as in a forked child: inherited handles are closed, then reopened
     assert c.get("a", H) is not a and sorted(closed) == ["a", "b", "c"]
+
+
+def test_open_slide_handles_stay_bounded_over_many_slides(slides, tmp_path):
+    """One dataset per slide (as the loaders build them) must not keep one open handle (and
+    file descriptor) per slide: the process keeps at most MAX_OPEN_HANDLES."""
+    import os
+
+    from pipeline import data
+
+    n_slides = MAX_OPEN_HANDLES + 5
+    tile_files = []
+    for k in range(n_slides):
+        link = tmp_path / f"copy{k}.tiff"
+        link.symlink_to(slides[(0, "exact0")]["slide"])
+        tf = tmp_path / f"copy{k}.h5"
+        _write_tile_index(tf, link, 0.5)
+        tile_files.append(tf)
+    data._SLIDE_HANDLES.close_all()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    datasets = [SlidePatchDataset(tf) for tf in tile_files]
+    for ds in datasets:
+        ds[0]
+    assert len(data._SLIDE_HANDLES._open) == MAX_OPEN_HANDLES
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 2 * MAX_OPEN_HANDLES
+    data._SLIDE_HANDLES.close_all()
 
 
 # -- augmentation ------------------------------------------------------------------------------

@@ -189,3 +189,28 @@ def test_each_level_is_verified_on_its_own(textured_tiff, monkeypatch, caplog):
         np.testing.assert_array_equal(got, slide._read_openslide(512, 256, 1, 256))
         assert not slide.direct_reads
     assert "level 1" in caplog.text
+
+
+def test_a_damaged_jpeg_tile_is_an_error_as_with_openslide(tmp_path_factory):
+    """libjpeg-turbo decodes a cut-short JPEG with a warning and a grey remainder; OpenSlide
+    raises. A tile whose stream ends early must not become silent grey pixels."""
+    import shutil
+
+    import tifffile
+
+    from pipeline.slide import SlideError
+
+    path = tmp_path_factory.mktemp("damaged") / "damaged.tiff"
+    shutil.copy(_textured(tmp_path_factory, 256), path)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        k = 1 * -(-page.imagewidth // page.tilewidth) + 1  # tile row 1, column 1
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(b"\xff\xd9")  # an end-of-image marker half-way through the scan
+    with Slide(path) as slide:
+        slide.read_rgb(0, 0, 0, 256)  # an intact tile: the direct path is verified
+        assert slide.direct_reads
+        with pytest.raises(SlideError, match=str(path)):
+            slide.read_rgb(256, 256, 0, 256)
