@@ -161,3 +161,39 @@ def test_slides_split_over_loaders_give_the_same_features(
     assert groups == [["s1"], ["s2"], ["s3"]]
     for a, b in zip(one_loader, features(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_infer_slides_yields_every_slide_in_order_including_empty_ones(monkeypatch):
+    """The one-batch-behind result loop: slides without tiles still come out, in order, and
+    each slide's rows hold the model's output on its own batches."""
+    torch.manual_seed(0)
+    model = build_extractor("small_cnn", 16).eval()
+    sizes, batch = [3, 0, 5, 0], 2
+    gen = torch.Generator().manual_seed(1)
+    pixels = [torch.randint(0, 256, (n, CROP, CROP, 3), dtype=torch.uint8, generator=gen)
+              for n in sizes]
+
+    class FakeLoader:
+        class dataset:  # noqa: N801 - mimics DataLoader.dataset.datasets
+            datasets = [range(n) for n in sizes]
+
+        def __iter__(self):
+            for px in pixels:
+                for a in range(0, len(px), batch):
+                    yield px[a:a + batch], torch.arange(a, min(a + batch, len(px)))
+
+    monkeypatch.setattr(extract_features, "slides_loader", lambda *a, **k: FakeLoader())
+    monkeypatch.setattr(extract_features, "BATCH_SIZE", batch)
+    out = list(extract_features.infer_slides(model, ["a", "b", "c", "d"], CROP,
+                                             torch.device("cpu"), 0))
+    assert [k for k, _, _ in out] == [0, 1, 2, 3]
+    assert [len(f) for _, f, _ in out] == sizes
+    with torch.no_grad():
+        for (_, feats, probs), px in zip(out, pixels, strict=True):
+            if len(px) == 0:
+                continue
+            x = extract_features.model_input(px, torch.device("cpu"), normalize_only())
+            f = model.features(x)
+            np.testing.assert_allclose(feats, f.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(probs, torch.softmax(model.head(f), 1)[:, 1].numpy(),
+                                       rtol=1e-5, atol=1e-6)

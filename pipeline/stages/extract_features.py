@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -177,7 +178,7 @@ def infer_slides(
     norm = normalize_only()
     batches = iter(loader)
 
-    def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
         for k, n in enumerate(sizes):
             for _ in range(math.ceil(n / batch_size)):
                 x, idx = next(batches)
@@ -185,23 +186,27 @@ def infer_slides(
                 with autocast(device, amp):
                     f = model.features(x)
                     logits = model.head(f)
-                yield k, idx, f.float(), torch.softmax(logits.float(), 1)[:, 1]
+                f, p = f.float(), torch.softmax(logits.float(), 1)[:, 1]
+                yield k, idx, *_to_host_async(f, p, device)
 
-    # Copy a batch's results to the host only after the next batch is launched: on a GPU the
-    # copy waits for the batch to finish, and the device would otherwise idle while the host
-    # fetches and launches the next one. (On CPU the order of work is unchanged.)
+    # Read a batch's results only after the next batch is launched. On a GPU its results are
+    # copied into pinned host memory right behind its kernels (an event marks the copy done),
+    # so waiting for them never waits for the next batch, which keeps the device busy while
+    # the host fetches and launches the one after. On CPU the order of work is unchanged.
     feats = probs = np.empty(0)
     k_cur, done, k_next = -1, 0, 0
     pending = None
     for item in itertools.chain(launched(), [None]):
         if pending is not None:
-            k, idx, f, p = pending
+            k, idx, f, p, copied = pending
+            if copied is not None:
+                copied.synchronize()
             if k != k_cur:
                 k_cur, done = k, 0
                 feats = np.empty((sizes[k], model.feature_dim), np.float32)
                 probs = np.empty(sizes[k], np.float32)
-            feats[idx.numpy()] = f.cpu().numpy()
-            probs[idx.numpy()] = p.cpu().numpy()
+            feats[idx.numpy()] = f.numpy()
+            probs[idx.numpy()] = p.numpy()
             done += len(idx)
             if done == sizes[k]:
                 for empty in range(k_next, k):  # slides without tiles, in order
@@ -211,6 +216,22 @@ def infer_slides(
         pending = item
     for empty in range(k_next, len(sizes)):
         yield empty, *_no_rows(model.feature_dim)
+
+
+def _to_host_async(
+    f: torch.Tensor, p: torch.Tensor, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(features, probs) on the host. On CUDA: pinned buffers filled by non-blocking copies
+    queued on the current stream, plus the event to synchronize on before reading them."""
+    if device.type != "cuda":
+        return f, p, None
+    f_host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+    p_host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+    f_host.copy_(f, non_blocking=True)
+    p_host.copy_(p, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    return f_host, p_host, copied
 
 
 def _no_rows(dim: int) -> tuple[np.ndarray, np.ndarray]:
