@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data import DataError
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.stages import label, tile
@@ -69,3 +70,10 @@ def test_requests_give_the_per_pass_loader_chunks(two_slides, workers):
         reader.close()
     with pytest.raises(RuntimeError, match="after close"):
         next(iter(reader.source(0)(np.arange(3))))
+
+
+def test_a_row_outside_the_slide_is_an_error_not_the_next_slides_tile(two_slides):
+    reader = ChunkReader(two_slides, 3, 0, [None, None])
+    n_a = read_tile_index(two_slides[0]).n
+    with pytest.raises(DataError, match=f"tile index {n_a} out of range"):
+        next(iter(reader.source(0)(np.array([0, n_a]))))

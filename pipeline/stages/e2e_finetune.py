@@ -37,7 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torchvision.transforms import v2
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
-from pipeline.data import SlidePatchDataset, slide_loader
+from pipeline.data import DataError, SlidePatchDataset, slide_loader
 from pipeline.distributed import (
     all_reduce_mean_grads,
     all_reduce_sum,
@@ -105,11 +105,17 @@ class _RequestedChunks(Sampler[list[int]]):
     (`chunk_indices`) of the requested tiles of one slide, as positions in the concatenation
     of all slides. A DataLoader re-iterates its batch sampler at every `iter()`."""
 
-    def __init__(self, offsets: np.ndarray):
-        self.offsets = offsets
+    def __init__(self, sizes: np.ndarray, tile_files: Sequence[Path]):
+        self.sizes = sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.tile_files = list(tile_files)
         self.batches: list[list[int]] = []
 
     def request(self, k: int, indices: np.ndarray, chunk_size: int) -> None:
+        bad = indices[(indices < 0) | (indices >= self.sizes[k])]
+        if bad.size:  # would silently read another slide's tile through the concatenation
+            raise DataError(f"{self.tile_files[k]}: tile index {int(bad[0])} out of range "
+                            f"0..{int(self.sizes[k]) - 1}")
         self.batches = [(int(self.offsets[k]) + part).tolist()
                         for part in chunk_indices(indices, chunk_size)]
 
@@ -134,7 +140,7 @@ class ChunkReader:
                  for tf, c in zip(tile_files, cache_files, strict=True)]
         sizes = np.array([len(d) for d in parts], dtype=np.int64)
         self.chunk_size = int(chunk_size)
-        self.sampler = _RequestedChunks(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        self.sampler = _RequestedChunks(sizes, tile_files)
         kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
         if workers > 0:
             kw.update(persistent_workers=True, prefetch_factor=2)
