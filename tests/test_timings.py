@@ -163,7 +163,7 @@ def _out_names(entries) -> dict[str, dict]:
 
 def test_dvc_yaml_declares_timings_as_cached_outs_never_metrics():
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
-    timed = {"train-extractor", "extract-features", "train-unet", "e2e-finetune",
+    timed = {"tile", "train-extractor", "extract-features", "train-unet", "e2e-finetune",
              "train-seg-only", "train-frozen", "evaluate"}
     assert {n for n, st in stages.items() if st.get("metrics")} <= timed
     for name, st in stages.items():

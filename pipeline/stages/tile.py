@@ -12,8 +12,8 @@ Per slide (see pipeline/schema.py for the file format):
   kept tiles (in raster order of the components' first pixel).
 
 Also writes reports/tiles/<slide_id>.png (overview, tissue outline in blue, kept tiles in green),
-reports/tiles.csv (one row per manifest slide whose output is current) and, with
-`on_error="skip"`, reports/tiles_failures.csv.
+reports/tiles.csv (one row per manifest slide whose output is current), with
+`on_error="skip"` reports/tiles_failures.csv, and (unsharded) reports/timings/tile.json.
 
 Resuming: every output is written to a temp sibling and renamed, so a killed run leaves complete
 outputs or none; a rerun skips slides whose outputs are current and removes the temp files a
@@ -33,7 +33,13 @@ import typer
 from PIL import Image, ImageDraw
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, atomic_path, h5_is_current, remove_stale_temps
+from pipeline.io import (
+    atomic_h5,
+    atomic_path,
+    h5_is_current,
+    remove_stale_temps,
+    write_json_atomic,
+)
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import Params, load_params
@@ -61,8 +67,12 @@ MIN_MASK_PX_PER_TILE = 4
 THUMB_MAX_PX = 2048  # longest side of reports/tiles/<id>.png
 TISSUE_RGB = (0, 90, 255)
 TILE_RGB = (0, 170, 0)
+# Only what the outputs are: the CSV is git-tracked (dvc.yaml cache: false), so a rerun with the
+# same slides and params must leave it byte-identical. What a run did (seconds, tiled vs
+# current) goes to the log and reports/timings/tile.json.
 CSV_COLUMNS = ["slide_id", "n_tiles", "grid_rows", "grid_cols", "mpp", "mpp_source", "level",
-               "tile_mpp", "seconds", "status"]
+               "tile_mpp"]
+STAGE = "tile"
 ON_ERROR = ("fail", "skip")
 
 
@@ -270,6 +280,7 @@ def run(
     reports/tiles_failures.csv (tiles_failures.<i>of<n>.csv for a shard) and the summary, and
     completes the other slides.
     """
+    t_start = time.perf_counter()
     if on_error not in ON_ERROR:
         raise PipelineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if shard is not None:
@@ -291,7 +302,8 @@ def run(
     own = [f(sid) for sid in selected
            for f in (paths.tile_file, paths.pixel_cache_file, lambda s: _thumb_file(paths, s))]
     if shard is None:
-        own += [paths.reports / "tiles.csv", paths.reports / "tiles_failures.csv"]
+        own += [paths.reports / "tiles.csv", paths.reports / "tiles_failures.csv",
+                paths.timings_file(STAGE)]
     stale = remove_stale_temps(own)
     if stale:
         log.warning("removed %d temp file(s) left by a killed run (e.g. %s)", len(stale), stale[0])
@@ -370,11 +382,18 @@ def run(
     _write_csv(fail_path, pd.DataFrame(
         [{"slide_id": s, "slide_path": slide_paths[s], "error": m} for s, m in failed.items()],
         columns=["slide_id", "slide_path", "error"]))
-    log.info("wrote %s (%d slides)%s", csv_path, len(table),
-             f"; {len(failed)} failed, see {fail_path}" if failed else "")
+    n_tiled = sum(r["status"] == "tiled" for r in rows.values())
+    seconds = round(time.perf_counter() - t_start, 3)
+    if shard is None:  # array-job shards would overwrite each other's times
+        write_json_atomic(paths.timings_file(STAGE), {
+            "stage": STAGE, "seconds": seconds, "n_tiled": n_tiled, "n_current": n_current,
+            "slide_seconds": {sid: round(float(r["seconds"]), 3) for sid, r in rows.items()}})
+    log.info("wrote %s (%d slides)%s in %.1f s (%d tiled, %d current)", csv_path, len(table),
+             f"; {len(failed)} failed, see {fail_path}" if failed else "", seconds, n_tiled,
+             n_current)
     return {
         "n_slides": len(selected),
-        "n_tiled": sum(r["status"] == "tiled" for r in rows.values()),
+        "n_tiled": n_tiled,
         "n_current": n_current,
         "n_failed": len(failed),
         "failed": failed,
