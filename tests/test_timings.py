@@ -161,25 +161,17 @@ def _out_names(entries) -> dict[str, dict]:
     return out
 
 
-def test_dvc_yaml_declares_timings_as_cached_outs_never_metrics():
+def test_dvc_yaml_never_declares_timings():
+    """Run logs, not results: declared as outs they would change dvc.lock on every rerun."""
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     timed = {"tile", "train-extractor", "extract-features", "train-unet", "e2e-finetune",
              "train-seg-only", "train-frozen", "evaluate"}
-    assert {n for n, st in stages.items() if st.get("metrics")} <= timed
     for name, st in stages.items():
-        outs = _out_names(st.get("outs"))
-        for kind in ("metrics", "plots"):
+        for kind in ("outs", "metrics", "plots"):
             assert not [p for p in _out_names(st.get(kind)) if "timings" in p], (name, kind)
-        rel = Paths().timings_file(name).as_posix()
-        if name in timed:
-            assert rel in outs, name
-            # git-ignored, so DVC's cache must restore it (cache: false would leave it stale
-            # on checkout and mark the stage changed)
-            assert outs[rel].get("cache", True) is True, name
+        if name in timed:  # the stage module names its log file after its dvc.yaml stage
             module = importlib.import_module(f"pipeline.stages.{STAGES[name]}")
             assert module.STAGE == name
-        else:
-            assert rel not in outs, name
 
 
 def test_gitignore_keeps_timings_out_of_git():
