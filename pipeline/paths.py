@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +59,24 @@ class Paths:
         """reports/timings/<stage>.json: a stage's wall-clock seconds (`stage` = its dvc.yaml
         name). Kept out of the metrics JSONs so `dvc metrics diff` moves only with results."""
         return self._p("reports", "timings", f"{stage}.json")
+
+    def recorded(self, input_path: str | Path, out_folder: Path) -> str:
+        """How an output file in `out_folder` records an input file's path: relative to that
+        folder when the input lies inside the project, so a cloned or moved project writes
+        byte-identical outputs (and the same dvc.lock); absolute otherwise (slides on a data
+        volume). '' (no file) stays ''. Read back with `resolve_recorded`."""
+        if not str(input_path):
+            return ""
+        p = Path(input_path).resolve()
+        if p.is_relative_to(self.root.resolve()):
+            return os.path.relpath(p, out_folder.resolve())
+        return str(p)
+
+
+def resolve_recorded(recorded: str, out_file: str | Path) -> Path:
+    """The input path recorded in `out_file` (see `Paths.recorded`) as an absolute path."""
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    return Path(os.path.normpath(Path(out_file).resolve().parent / p))
+

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.paths import resolve_recorded
 from pipeline.schema import (
     COORDS,
     GRID,
@@ -89,7 +90,7 @@ class TileIndex:
 
     @property
     def slide_path(self) -> Path:
-        return Path(self.attrs["slide_path"])
+        return resolve_recorded(str(self.attrs["slide_path"]), self.path)
 
     @property
     def slide_size_px_level0(self) -> tuple[int, int]:

@@ -251,8 +251,11 @@ def label_slide(
     label_params: LabelParams,
     params_hash: str,
     tile_params_hash: str,
+    recorded_annotation_path: str | None = None,
 ) -> dict:
-    """Label one slide's tiles and write `out_file` atomically. Returns its counts."""
+    """Label one slide's tiles and write `out_file` atomically. Returns its counts.
+    `recorded_annotation_path` is what the file records (`Paths.recorded`; default: the
+    path as given)."""
     t0 = time.perf_counter()
     if not h5_is_current(tile_file, tile_params_hash):
         raise LabelError(
@@ -281,7 +284,8 @@ def label_slide(
                          data=normal_f.astype(schema.LABEL_DTYPES[schema.NORMAL_FRACTION]))
         f.create_dataset(schema.LABEL, data=labels.astype(schema.LABEL_DTYPES[schema.LABEL]))
         f.attrs["params_hash"] = params_hash
-        f.attrs["annotation_path"] = annotation_path
+        f.attrs["annotation_path"] = (annotation_path if recorded_annotation_path is None
+                                      else recorded_annotation_path)
         f.attrs["annotation_sha256"] = _annotation_sha(annotation_path)
         f.attrs["tile_index_sha256"] = sha256_file(tile_file)
         f.attrs["annotation_format"] = fmt
@@ -344,7 +348,8 @@ def run(
         _warn_unreferenced_annotations(manifest_path, rows)
     # An annotation edited in place (same path) must relabel: compare its content hash too.
     todo = [r for r in mine if not h5_is_current(paths.label_file(r.slide_id), params_hash,
-                                                 annotation_path=r.annotation_path,
+                                                 annotation_path=paths.recorded(
+                                                     r.annotation_path, paths.labels),
                                                  annotation_sha256=_annotation_sha(
                                                      r.annotation_path),
                                                  tile_index_sha256=_tile_sha(
@@ -356,8 +361,9 @@ def run(
     failed: dict[str, str] = {}
 
     def job_args(r) -> tuple:
-        return (r.slide_id, paths.tile_file(r.slide_id), r.annotation_path,
-                paths.label_file(r.slide_id), params.label, params_hash, tile_hash)
+        out = paths.label_file(r.slide_id)
+        return (r.slide_id, paths.tile_file(r.slide_id), r.annotation_path, out, params.label,
+                params_hash, tile_hash, paths.recorded(r.annotation_path, out.parent))
 
     def on_fail(slide_id: str, exc: Exception) -> None:
         if on_error == "fail" or not isinstance(exc, PipelineError):
@@ -390,7 +396,8 @@ def run(
         out = paths.label_file(r.slide_id)
         counts = results.get(r.slide_id)
         if counts is None:
-            if not h5_is_current(out, params_hash, annotation_path=r.annotation_path):
+            if not h5_is_current(out, params_hash,
+                                 annotation_path=paths.recorded(r.annotation_path, out.parent)):
                 continue
             counts = _counts_from_file(r.slide_id, out)
         csv_rows.append({**counts, "split": r.split})

@@ -182,7 +182,7 @@ def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Pat
         "params_hash": params.section_hash("tile"),
         "params_json": params.section_json("tile"),
         "slide_id": slide_id,
-        "slide_path": str(slide_path),
+        "slide_path": paths.recorded(slide_path, paths.tile_file(slide_id).parent),
         "slide_fingerprint": slide_fingerprint(slide_path),
         "slide_width_px_level0": int(width),
         "slide_height_px_level0": int(height),
@@ -262,7 +262,8 @@ def _index_current(paths: Paths, slide_id: str, slide_path: str, params_hash: st
         fingerprint = slide_fingerprint(slide_path)
     except OSError:
         return False  # unreadable: let tile_slide raise the proper error
-    return h5_is_current(paths.tile_file(slide_id), params_hash, slide_path=slide_path,
+    out = paths.tile_file(slide_id)
+    return h5_is_current(out, params_hash, slide_path=paths.recorded(slide_path, out.parent),
                          slide_fingerprint=fingerprint)
 
 
