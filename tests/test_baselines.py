@@ -91,10 +91,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, Params]:
-    """Tiled and labelled three-slide project (real tile and label stages)."""
-    root = tmp_path_factory.mktemp("baselines")
+def make_project(root: Path) -> tuple[Params, Paths]:
+    """The three SLIDES written under `root` with ASAP annotations and a manifest, tiled and
+    labelled by the real stages (also used by test_timings)."""
     lines = ["slide_id,slide_path,annotation_path,split"]
     for i, (sid, (split, rows, cols)) in enumerate(SLIDES.items()):
         write_pyramidal_tiff(root / f"{sid}.tiff", _slide_rgb(rows, cols, i), mpp=1.0,
@@ -108,6 +107,14 @@ def project(tmp_path_factory) -> tuple[Path, Params]:
     paths = Paths(root)
     tile_stage.run(params, paths)
     label_stage.run(params, paths, workers=1)
+    return params, paths
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, Params]:
+    """Tiled and labelled three-slide project (real tile and label stages)."""
+    root = tmp_path_factory.mktemp("baselines")
+    params, _ = make_project(root)
     return root, params
 
 

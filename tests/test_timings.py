@@ -2,7 +2,8 @@
 
 `dvc metrics diff` / `dvc exp show` must move only when results move: the metrics JSONs hold no
 `*seconds` key at any depth and are byte-identical over two seeded runs, while each stage's wall
-time goes to reports/timings/<stage>.json (a DVC out, git-ignored). Checked on evaluate (the
+time goes to reports/timings/<stage>.json (a git-ignored run log that dvc.yaml does not
+declare). Checked on evaluate (the
 hand-made set of test_evaluate) and on extract-features + train-unet (the tiny tiled project of
 test_baselines with an untrained small CNN), and on dvc.yaml's declarations for every stage.
 """
@@ -13,20 +14,15 @@ import importlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from ruamel.yaml import YAML
 
-from pipeline.annotations import write_asap_xml
 from pipeline.cli import STAGES
 from pipeline.models import build_extractor, save_checkpoint
 from pipeline.paths import Paths
 from pipeline.stages import evaluate, extract_features, train_unet
-from pipeline.stages import label as label_stage
-from pipeline.stages import tile as tile_stage
-from pipeline.tiff import write_pyramidal_tiff
-from tests.test_baselines import SLIDES, TILE_PX, _params, _slide_rgb
+from tests.test_baselines import SLIDES, make_project
 from tests.test_evaluate import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,20 +88,7 @@ def featured(tmp_path_factory):
     small CNN (extract-features stage run once)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: more threads only add waits on a shared machine
-    root = tmp_path_factory.mktemp("timings")
-    lines = ["slide_id,slide_path,annotation_path,split"]
-    for i, (sid, (split, rows, cols)) in enumerate(SLIDES.items()):
-        write_pyramidal_tiff(root / f"{sid}.tiff", _slide_rgb(rows, cols, i), mpp=1.0,
-                             n_levels=3, tile_px=64)
-        x0, x1, y0, y1 = cols[0] * TILE_PX, cols[1] * TILE_PX, rows[0] * TILE_PX, rows[1] * TILE_PX
-        write_asap_xml(root / f"{sid}.xml",
-                       [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)])
-        lines.append(f"{sid},{sid}.tiff,{sid}.xml,{split}")
-    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
-    params = _params(root)
-    paths = Paths(root)
-    tile_stage.run(params, paths)
-    label_stage.run(params, paths, workers=1)
+    params, paths = make_project(tmp_path_factory.mktemp("timings"))
     torch.manual_seed(0)
     model = build_extractor("small_cnn", params.extractor.feature_dim, "none")
     save_checkpoint(paths.models / "extractor.pt", model,
