@@ -308,16 +308,19 @@ class PatchDataset(Dataset):
 class SlidePatchDataset(Dataset):
     """The tiles of one slide in order (all, or `indices`). Item j -> (image, tile_idx) where
     tile_idx is the tile's row in the tile index (and in every aligned per-slide file).
-    `pixel_cache_file` reads from that pixel cache instead of the slide."""
+    `pixel_cache_file` reads from that pixel cache instead of the slide. `tile_file` may be the
+    path or the already-read TileIndex."""
 
     def __init__(
         self,
-        tile_file: str | Path,
+        tile_file: str | Path | TileIndex,
         indices: Sequence[int] | np.ndarray | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pixel_cache_file: str | Path | None = None,
     ):
-        self.index = read_tile_index(tile_file)
+        # an index the caller has already read is not read again
+        self.index = (tile_file if isinstance(tile_file, TileIndex)
+                      else read_tile_index(tile_file))
         self.indices = (np.arange(self.index.n, dtype=np.int64) if indices is None
                         else np.asarray(indices, dtype=np.int64).reshape(-1))
         _check_rows(self.index, self.indices)
@@ -336,11 +339,13 @@ class SlidePatchDataset(Dataset):
         return img, i
 
 
-def _loader_kwargs(workers: int) -> dict:
+def loader_kwargs(workers: int, prefetch_factor: int = 2, persistent: bool = False) -> dict:
+    """DataLoader settings shared by every loader here: `workers` processes, pinned memory
+    when CUDA is present, prefetch/persistence only when there are workers."""
     kw: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-                          "persistent_workers": False}
+                          "persistent_workers": persistent and workers > 0}
     if workers > 0:
-        kw["prefetch_factor"] = 2
+        kw["prefetch_factor"] = prefetch_factor
     return kw
 
 
@@ -355,7 +360,7 @@ def slide_loader(
     """Stream one slide's tiles in order as batches (images, tile_idx): shuffle off, no
     persistent workers, prefetch factor 2, pinned memory when CUDA is present."""
     ds = SlidePatchDataset(tile_file, indices, transform, pixel_cache_file)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, **_loader_kwargs(workers))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, **loader_kwargs(workers))
 
 
 def patch_loader(
@@ -371,7 +376,7 @@ def patch_loader(
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      drop_last=drop_last, generator=g, **_loader_kwargs(workers))
+                      drop_last=drop_last, generator=g, **loader_kwargs(workers))
 
 
 # -- class balance -----------------------------------------------------------------------------

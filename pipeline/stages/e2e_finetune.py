@@ -37,7 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torchvision.transforms import v2
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
-from pipeline.data import DataError, SlidePatchDataset, slide_loader
+from pipeline.data import DataError, SlidePatchDataset, loader_kwargs, slide_loader
 from pipeline.distributed import (
     all_reduce_mean_grads,
     all_reduce_sum,
@@ -141,11 +141,9 @@ class ChunkReader:
         sizes = np.array([len(d) for d in parts], dtype=np.int64)
         self.chunk_size = int(chunk_size)
         self.sampler = _RequestedChunks(sizes, tile_files)
-        kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
-        if workers > 0:
-            kw.update(persistent_workers=True, prefetch_factor=2)
-        self.loader: DataLoader | None = DataLoader(ConcatDataset(parts),
-                                                    batch_sampler=self.sampler, **kw)
+        self.loader: DataLoader | None = DataLoader(
+            ConcatDataset(parts), batch_sampler=self.sampler,
+            **loader_kwargs(workers, persistent=True))
 
     def close(self) -> None:
         """Stop the persistent workers (dropping the loader drops its iterator)."""

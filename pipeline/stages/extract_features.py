@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline.augment import normalize_only
-from pipeline.data import SlidePatchDataset
+from pipeline.data import SlidePatchDataset, loader_kwargs
 from pipeline.distributed import (
     barrier,
     init_if_needed,
@@ -110,7 +110,8 @@ class _CentreCrops(SlidePatchDataset):
     a CHW copy per tile in the worker cost a third of its time; the batch is permuted on the
     device instead (`model_input`), which on a GPU is already the channels_last layout."""
 
-    def __init__(self, tile_file: Path, crop_px: int, pixel_cache_file: Path | None = None):
+    def __init__(self, tile_file: Path | TileIndex, crop_px: int,
+                 pixel_cache_file: Path | None = None):
         super().__init__(tile_file, None, None, pixel_cache_file)
         self.crop_px = int(crop_px)
 
@@ -127,7 +128,7 @@ class _CentreCrops(SlidePatchDataset):
 
 
 def slides_loader(
-    tile_files: Sequence[Path], crop_px: int, workers: int,
+    tile_files: Sequence[Path | TileIndex], crop_px: int, workers: int,
     pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
 ) -> DataLoader:
     """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, crop, crop, 3)
@@ -142,11 +143,9 @@ def slides_loader(
     from the workers."""
     caches = list(pixel_cache_files) if pixel_cache_files is not None else [None] * len(tile_files)
     parts = [_CentreCrops(tf, crop_px, c) for tf, c in zip(tile_files, caches, strict=True)]
-    kw: dict = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
-    if workers > 0:
-        kw["prefetch_factor"] = 4
     return DataLoader(ConcatDataset(parts), batch_sampler=_BatchPlan([len(d) for d in parts],
-                                                                     batch_size), **kw)
+                                                                     batch_size),
+                      **loader_kwargs(workers, prefetch_factor=4))
 
 
 def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.Tensor:
@@ -162,7 +161,8 @@ def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.
 
 @torch.no_grad()
 def infer_slides(
-    model: PatchClassifier, tile_files: Sequence[Path], crop_px: int, device: torch.device,
+    model: PatchClassifier, tile_files: Sequence[Path | TileIndex], crop_px: int,
+    device: torch.device,
     workers: int, amp: bool = False, pixel_cache_files: Sequence[Path | None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) for tile_files[k], in
@@ -322,9 +322,10 @@ def extract_all(
         slide_ids = slide_ids[i::n]
     n_slides = len(slide_ids)
     slide_ids = shard_of(slide_ids, rank, world)
+    in_sha = {sid: inputs_sha256(paths, sid) for sid in slide_ids}  # hashed once, stamped below
     todo = [sid for sid in slide_ids
             if not h5_is_current(paths.feature_file(sid, variant), phash, extractor_sha256=sha,
-                                 inputs_sha256=inputs_sha256(paths, sid))]
+                                 inputs_sha256=in_sha[sid])]
     skipped = len(slide_ids) - len(todo)
     done = n_tiles = 0
     bar = progress(total=len(todo), unit="slide", disable=rank != 0,
@@ -332,14 +333,13 @@ def extract_all(
     for group, inputs in _loader_groups(paths, todo):
         caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
                   for sid in group]
-        for k, feats, probs in infer_slides(model, [paths.tile_file(sid) for sid in group],
+        for k, feats, probs in infer_slides(model, [index for index, _ in inputs],
                                             params.extractor.crop_px, device,
                                             params.extractor.workers, params.extractor.amp,
                                             caches):
             index, labels = inputs[k]
             _write_features(paths.feature_file(group[k], variant), group[k], index, labels,
-                            feats, probs, model, params, phash, sha,
-                            inputs_sha256(paths, group[k]))
+                            feats, probs, model, params, phash, sha, in_sha[group[k]])
             n_tiles += index.n
             done += 1
             bar.update(1)
