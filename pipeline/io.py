@@ -14,9 +14,12 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
+
+if TYPE_CHECKING:
+    from pipeline.paths import Paths
 
 from pipeline.schema import SCHEMA_VERSION
 
@@ -90,6 +93,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_timings(paths: Paths, stage: str, **times: Any) -> None:
+    """A stage's run log, reports/timings/<stage>.json: {"stage": stage, **times} (wall-clock
+    seconds and counts of what this run did). Kept out of the metrics and of dvc.yaml: it
+    changes every run."""
+    write_json_atomic(paths.timings_file(stage), {"stage": stage, **times})
 
 
 def _json_default(o: Any) -> Any:

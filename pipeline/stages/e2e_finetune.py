@@ -49,7 +49,7 @@ from pipeline.distributed import (
 )
 from pipeline.e2e import ChunkSource, chunk_indices, e2e_slide_step
 from pipeline.featuremap import MapLayout
-from pipeline.io import sha256_file, write_json_atomic
+from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import load_extractor, load_unet, save_checkpoint
@@ -318,7 +318,7 @@ def run(params: Params, paths: Paths) -> dict:
     if main:
         write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
         write_metrics(paths.reports / "e2e.json", metrics)
-        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, **timings})
+        write_timings(paths, STAGE, **timings)
         log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv} "
                  "in %.1f s", ext_ckpt, unet_ckpt, timings["seconds"])
     barrier()

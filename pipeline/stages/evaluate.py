@@ -50,7 +50,7 @@ from pipeline import camelyon, report
 from pipeline import metrics as m
 from pipeline.annotations import rasterize, read_annotation, sample_mask
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path, write_json_atomic, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.params import Params, load_params
@@ -611,7 +611,7 @@ def run(params: Params, paths: Paths) -> dict:
         curve_figs=curve_figs, training=training,
     )
     seconds = round(time.time() - t0, 3)
-    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": seconds})
+    write_timings(paths, STAGE, seconds=seconds)
     log.info("wrote %d slide figures to %s and %s; evaluate took %.1f s", 2 * len(slide_figs),
              fig_dir, rep / "index.html", seconds)
     summary = {"split": ep.split, "threshold": thr, "n_slides": len(split_ids),

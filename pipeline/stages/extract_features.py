@@ -39,7 +39,7 @@ from pipeline.distributed import (
 )
 from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_h5, h5_is_current, sha256_file, write_json_atomic
+from pipeline.io import atomic_h5, h5_is_current, sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import PatchClassifier, extractor_expectations, load_extractor
@@ -383,8 +383,7 @@ def run(params: Params, paths: Paths, shard: tuple[int, int] | None = None) -> d
     summary = extract_all(params, paths, paths.models / "extractor.pt", "", shard)
     # An array job's shards would overwrite each other's time: only a whole run records it.
     if shard is None and is_main():
-        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE,
-                                                      "seconds": summary["seconds"]})
+        write_timings(paths, STAGE, seconds=summary["seconds"])
     return summary
 
 

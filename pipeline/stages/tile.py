@@ -38,7 +38,7 @@ from pipeline.io import (
     atomic_path,
     h5_is_current,
     remove_stale_temps,
-    write_json_atomic,
+    write_timings,
 )
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
@@ -386,9 +386,9 @@ def run(
     n_tiled = sum(r["status"] == "tiled" for r in rows.values())
     seconds = round(time.perf_counter() - t_start, 3)
     if shard is None:  # array-job shards would overwrite each other's times
-        write_json_atomic(paths.timings_file(STAGE), {
-            "stage": STAGE, "seconds": seconds, "n_tiled": n_tiled, "n_current": n_current,
-            "slide_seconds": {sid: round(float(r["seconds"]), 3) for sid, r in rows.items()}})
+        write_timings(paths, STAGE, seconds=seconds, n_tiled=n_tiled, n_current=n_current,
+                      slide_seconds={sid: round(float(r["seconds"]), 3)
+                                     for sid, r in rows.items()})
     log.info("wrote %s (%d slides)%s in %.1f s (%d tiled, %d current)", csv_path, len(table),
              f"; {len(failed)} failed, see {fail_path}" if failed else "", seconds, n_tiled,
              n_current)

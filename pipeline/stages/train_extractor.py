@@ -38,7 +38,7 @@ from pipeline.distributed import (
     rank_seed,
     relaunch_if_requested,
 )
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import write_json_atomic, write_text_atomic, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import build_extractor, save_checkpoint
@@ -202,7 +202,7 @@ def run(params: Params, paths: Paths) -> dict:
             f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
         )
         write_text_atomic(paths.reports / CURVES, csv)
-        write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": seconds})
+        write_timings(paths, STAGE, seconds=seconds)
         log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, best_epoch,
                  best, paths.reports / METRICS, paths.reports / CURVES, seconds)
     barrier()  # the outputs exist for every rank once this returns

@@ -47,7 +47,7 @@ import typer
 from pipeline.augment import eval_transform
 from pipeline.data import slide_loader
 from pipeline.errors import PipelineError
-from pipeline.io import write_json_atomic
+from pipeline.io import write_timings
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
 from pipeline.models import (
@@ -185,7 +185,7 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"feature_seconds": feat["seconds"], "unet_seconds": unet["seconds"],
                "seconds": round(time.time() - t0, 3)}
-    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, **timings})
+    write_timings(paths, STAGE, **timings)
     log.info("frozen baseline (%s extractor): %s", source, json.dumps({**metrics, **timings}))
     return {**metrics, **timings}
 

@@ -51,7 +51,7 @@ import typer
 
 from pipeline.errors import PipelineError
 from pipeline.featuremap import MapLayout, gather, label_map
-from pipeline.io import sha256_file, write_json_atomic
+from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import extractor_input_normalization, save_checkpoint
@@ -254,7 +254,7 @@ def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> di
     write_metrics(paths.reports / f"{REPORT_NAME}.json", metrics)
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"seconds_images": round(t_load, 3), "seconds": round(time.time() - t0, 3)}
-    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, **timings})
+    write_timings(paths, STAGE, **timings)
     log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
              len(images), paths.prediction_file(METHOD, "x").parent, paths.reports / REPORT_NAME,
              timings["seconds"])

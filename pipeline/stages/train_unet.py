@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.io import sha256_file, write_json_atomic
+from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import save_checkpoint
@@ -88,7 +88,7 @@ def train_and_predict(
 def run(params: Params, paths: Paths) -> dict:
     summary = train_and_predict(params, paths, "", "separate", paths.models / "unet.pt",
                                 "train_unet")
-    write_json_atomic(paths.timings_file(STAGE), {"stage": STAGE, "seconds": summary["seconds"]})
+    write_timings(paths, STAGE, seconds=summary["seconds"])
     return summary
 
 
