@@ -31,12 +31,12 @@ from pipeline import schema
 from pipeline.annotations import read_annotation
 from pipeline.augment import eval_transform
 from pipeline.cli import app, main
+from pipeline.labeling import assign_labels, tile_fractions, tile_raster
 from pipeline.models import build_extractor, save_checkpoint
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.slide import Slide
 from pipeline.stages import predict
-from pipeline.stages.label import assign_labels, tile_fractions, tile_raster
 from pipeline.tiff import write_pyramidal_tiff
 from pipeline.unet import UNet
 from pipeline.vectorize import (

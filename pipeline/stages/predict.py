@@ -47,6 +47,7 @@ from scipy import ndimage as ndi
 from pipeline.annotations import Polygon, write_asap_xml, write_qupath_geojson
 from pipeline.camelyon import slide_class_from_mask
 from pipeline.errors import PipelineError
+from pipeline.extraction import infer_slide
 from pipeline.io import (
     atomic_h5,
     atomic_path,
@@ -62,9 +63,8 @@ from pipeline.runtime import pick_device
 from pipeline.schema import COORDS, GRID, TUMOR_PROB
 from pipeline.segment import predict_tiles, slide_layouts
 from pipeline.slide import Slide
-from pipeline.stages.extract_features import infer_slide
-from pipeline.stages.tile import tile_slide
 from pipeline.tileindex import TileIndex, read_tile_index
+from pipeline.tiling import tile_slide
 from pipeline.unet import UNet
 from pipeline.vectorize import GridPolygon, asap_exclusions, mask_polygons, to_level0
 
