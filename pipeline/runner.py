@@ -7,10 +7,10 @@ predict): a process pool or the calling process, a progress bar, and one meaning
   outputs (each written atomically and stamped with a params hash), so a rerun resumes.
 - `skip`: a failing slide is logged (with its traceback when the exception is not a
   PipelineError, i.e. a bug or an unexpected library error) and listed with its one-line
-  error in the stage's failures file, `reports/<stage>_failures.csv` (predict:
-  OUT/failures.csv); the other slides go on. The stage succeeds only if at least one of its
-  slides is done (processed now or already current); when every slide failed it raises
-  `AllSlidesFailed` after writing the failures file.
+  error in the stage's failures file, `reports/<stage>_failures.csv` (predict, whose outputs
+  are not the project's: OUT/predict_failures.csv); the other slides go on. The stage
+  succeeds only if at least one of its slides is done (processed now or already current);
+  when every slide failed it raises `AllSlidesFailed` after writing the failures file.
 
 Failures files are run logs, like reports/timings/: git-ignored and not declared in dvc.yaml.
 The DVC commands run with `stop`, so a declared failures file would always be an empty,

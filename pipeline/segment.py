@@ -29,7 +29,7 @@ from pipeline.featuremap import (
 from pipeline.io import atomic_h5, sha256_file, write_json_atomic, write_text_atomic
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
-from pipeline.models import save_checkpoint
+from pipeline.models import save_checkpoint, training_settings
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
@@ -247,6 +247,8 @@ def train_and_predict(
     save_checkpoint(checkpoint, unet, {
         "params_json": params.section_json("seed", "featuremap", "unet"),
         "feature_variant": feature_variant, "best_epoch": best_epoch,
+        # the maps' scale and layout: the tile/crop of the features and the featuremap params
+        "settings": training_settings(params.model_dump(mode="json")),
     })
     sha = sha256_file(checkpoint)
     off_canvas = {}  # slide -> tissue tiles that fell off its canvas (centered mode)
