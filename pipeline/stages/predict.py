@@ -56,12 +56,12 @@ from pipeline.io import (
 )
 from pipeline.log import get_logger, progress
 from pipeline.models import PatchClassifier, load_extractor, load_unet
-from pipeline.params import Params, load_params
+from pipeline.params import Params, TileParams, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import pick_device
 from pipeline.schema import COORDS, GRID, TUMOR_PROB
 from pipeline.segment import predict_tiles, slide_layouts
-from pipeline.slide import Slide
+from pipeline.slide import Slide, tile_geometry_for
 from pipeline.stages.extract_features import infer_slide
 from pipeline.stages.tile import tile_slide
 from pipeline.tileindex import TileIndex, read_tile_index
@@ -421,7 +421,7 @@ def _predict_slide(slide_path: Path, out: SlideOutputs, models: PredictModels, p
     geom = index.geometry
     warnings += probs.warnings
     if geom.mpp_source == "fallback_mpp":
-        warnings.append(f"no mpp in the slide metadata; assumed {geom.mpp:g} um/px "
+        warnings.append(f"no usable mpp in the slide metadata; assumed {geom.mpp:g} um/px "
                         f"({'--mpp' if mpp is not None else 'tile.fallback_mpp'})")
     elif geom.mpp_source == "unknown":
         warnings.append("no mpp in the slide metadata and no --mpp: tiles read at "
@@ -531,10 +531,11 @@ def _one_line(exc: BaseException, slide_path: Path) -> str:
     return msg if str(slide_path) in msg else f"{slide_path}: {msg}"
 
 
-def _check_slide(path: Path) -> None:
-    """Open the slide once (cheap: header only) so that a bad path fails before any work."""
-    with Slide(path):
-        pass
+def _check_slide(path: Path, tp: TileParams) -> None:
+    """Open the slide once (cheap: header only) so that a bad path or implausible mpp metadata
+    fails before any work or output."""
+    with Slide(path) as slide:
+        tile_geometry_for(slide, tp)
 
 
 def run(
@@ -585,9 +586,10 @@ def run(
         failed[str(p)] = msg
 
     todo = []
-    for p in slide_paths:  # bad paths fail before the models load
+    tp = params.tile if mpp is None else params.tile.model_copy(update={"fallback_mpp": mpp})
+    for p in slide_paths:  # bad paths and metadata fail before the models load
         try:
-            _check_slide(p)
+            _check_slide(p, tp)
             todo.append(p)
         except Exception as exc:
             _fail(p, exc)
