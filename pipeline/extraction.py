@@ -359,11 +359,12 @@ class _Extraction:
     def _stream(self, group: list[str], inputs: list[tuple[TileIndex, np.ndarray]],
                 written: Callable[[str, int], None]) -> None:
         """One loader over the group's slides; each slide's file is written once it is done."""
-        ep = self.params.extractor
+        crop_px, workers = self.params.extractor.crop_px, self.params.extractor.workers
+        amp = self.params.extractor.amp
         caches = [self.paths.pixel_cache_file(sid) if self.params.tile.cache_pixels else None
                   for sid in group]
         for k, feats, probs in infer_slides(self.model, [index for index, _ in inputs],
-                                            ep.crop_px, self.device, ep.workers, ep.amp, caches):
+                                            crop_px, self.device, workers, amp, caches):
             index, labels = inputs[k]
             _write_features(self.paths.feature_file(group[k], self.variant), group[k], index,
                             labels, feats, probs, self.model, self.params, self.phash, self.sha,

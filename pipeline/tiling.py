@@ -38,7 +38,7 @@ from pipeline.schema import (
     TILE_DTYPES,
     TISSUE_FRACTION,
 )
-from pipeline.slide import Slide, TileGeometry, slide_fingerprint
+from pipeline.slide import Slide, TileGeometry, slide_fingerprint, tile_geometry_for
 from pipeline.tileindex import read_tile_index
 from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
 
@@ -114,10 +114,10 @@ def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Pat
     tp = params.tile
     slide_path = Path(slide_path).resolve()
     with Slide(slide_path) as slide:
-        geom = slide.tile_geometry(tp.size_px, tp.mpp, tp.fallback_level, tp.fallback_mpp)
+        geom = tile_geometry_for(slide, tp)  # raises on implausible mpp
         if geom.mpp_source == "fallback_mpp":
-            log.warning("slide %s (%s): no mpp in metadata; assuming tile.fallback_mpp = %g um/px",
-                        slide_id, slide_path, geom.mpp)
+            log.warning("slide %s (%s): no usable mpp in metadata; assuming tile.fallback_mpp = "
+                        "%g um/px", slide_id, slide_path, geom.mpp)
         elif geom.mpp_source == "unknown":
             log.warning("slide %s (%s): no mpp in metadata and tile.fallback_mpp unset; tiling "
                         "pyramid level %d (tile.fallback_level) with tile mpp unknown",

@@ -93,7 +93,7 @@ def _tile_and_infer(slide_path: Path, out: SlideOutputs, models: PredictModels, 
 def _mpp_warnings(geom: TileGeometry, mpp: float | None, stem: str) -> list[str]:
     """What the summary says about where the slide's scale came from."""
     if geom.mpp_source == "fallback_mpp":
-        return [f"no mpp in the slide metadata; assumed {geom.mpp:g} um/px "
+        return [f"no usable mpp in the slide metadata; assumed {geom.mpp:g} um/px "
                 f"({'--mpp' if mpp is not None else 'tile.fallback_mpp'})"]
     if geom.mpp_source == "unknown":
         return ["no mpp in the slide metadata and no --mpp: tiles read at "

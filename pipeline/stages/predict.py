@@ -61,10 +61,11 @@ def _named(fn: Any, slide_path: Path, *args: Any) -> Any:
         raise PredictError(_one_line(exc, slide_path)) from exc
 
 
-def _check_slide(path: Path) -> None:
-    """Open the slide once (cheap: header only) so that a bad path fails before any work."""
-    with Slide(path):
-        pass
+def _check_slide(path: Path, fallback_mpp: float | None, mpp_range_um: Sequence[float]) -> None:
+    """Open the slide once (cheap: header only) so that a bad path or implausible mpp metadata
+    fails before any work or output."""
+    with Slide(path) as slide:
+        slide.level0_mpp(fallback_mpp, tuple(mpp_range_um))
 
 
 def _slide_paths(slides: Sequence[str | Path], out_dir: Path) -> list[Path]:
@@ -112,7 +113,9 @@ def run(
     slide_paths = _slide_paths(slides, out_dir)
     checked = SlideRun(mode, log)  # bad paths fail before the models load
     for p in slide_paths:
-        checked.call(p.stem, _named, _check_slide, p)
+        checked.call(p.stem, _named, _check_slide, p,
+                     mpp if mpp is not None else params.tile.fallback_mpp,
+                     params.tile.mpp_range_um)
     models = load_models(models_dir if models_dir is not None else paths.models, method)
     params = run_params(params, models.settings, flags)
     out_dir.mkdir(parents=True, exist_ok=True)
