@@ -18,7 +18,8 @@ in `section_hash(...)` / `section_json(...)` calls. A read is covered by the key
 in the stage's `params:`.
 
 `python -m pipeline.dvcdeps` prints, per stage, what to add to dvc.yaml (exit 1 if anything);
-`--cached-outs` prints the stage outputs DVC caches (`make clean-outputs` deletes those).
+`--fix` appends it to the stage's lists in place (comments kept); `--cached-outs` prints the
+stage outputs DVC caches (`make clean-outputs` deletes those).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import ast
 import sys
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -62,6 +63,16 @@ def module_file(root: Path, module: str) -> Path | None:
         if (root / rel).is_file():
             return rel
     return None
+
+
+def _parse(path: Path) -> ast.Module:
+    return _parse_text(path.read_text(), str(path))
+
+
+@lru_cache(maxsize=512)
+def _parse_text(text: str, filename: str) -> ast.Module:
+    # every stage walks the same library modules: parse each file text once
+    return ast.parse(text, filename=filename)
 
 
 def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
@@ -102,7 +113,7 @@ def closure(root: Path, start: str) -> dict[str, Path]:
             if rel is None:  # `from pipeline.x import function`: not a module
                 continue
             seen[mod] = rel
-            tree = ast.parse((root / rel).read_text(), filename=str(rel))
+            tree = _parse(root / rel)
             todo.extend(_imported(tree, mod, rel.name == "__init__.py"))
     return seen
 
@@ -153,7 +164,7 @@ def used_units(root: Path, mods: dict[str, Path], start: str) -> list[tuple[Path
     units: list[tuple[Path, ast.stmt, tuple[str, str] | None, str]] = []
     aliases: dict[str, dict] = {}
     for mod, rel in mods.items():
-        tree = ast.parse((root / rel).read_text())
+        tree = _parse(root / rel)
         aliases[mod] = _aliases(tree, mod, rel.name == "__init__.py")
         for stmt in tree.body:
             named = isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
@@ -323,15 +334,55 @@ def cached_outs(root: Path = Path(".")) -> list[str]:
     return out
 
 
+def fix_text(text: str, reports: list[StageReport]) -> str:
+    """dvc.yaml text with each stage's missing deps / params appended to its lists (comments
+    and layout kept; a missing `deps:` / `params:` list is added after `cmd:`)."""
+    add = {}
+    for r in reports:
+        add[(r.stage, "deps")] = r.missing_deps
+        add[(r.stage, "params")] = [m.split(" (")[0] for m in r.missing_params]
+    lines = text.splitlines()
+    stage, section, last, cmd_line = None, None, {}, {}
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage, section = line.strip()[:-1], None
+        elif line.startswith("    ") and not line.startswith("     ") and ":" in line:
+            section = line.split(":")[0].strip()
+            if section == "cmd":
+                cmd_line[stage] = i
+        elif section in ("deps", "params") and line.startswith("      - "):
+            last[(stage, section)] = i
+    inserts: dict[int, list[str]] = {}
+    for (st, sec), items in add.items():
+        if not items:
+            continue
+        if (st, sec) in last:
+            inserts.setdefault(last[(st, sec)], []).extend(f"      - {x}" for x in items)
+        else:
+            inserts.setdefault(cmd_line[st], []).extend([f"    {sec}:"]
+                                                        + [f"      - {x}" for x in items])
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        out.extend(inserts.get(i, []))
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--cached-outs"]:
         print("\n".join(cached_outs()))
         return 0
-    if argv:
-        print("usage: python -m pipeline.dvcdeps [--cached-outs]", file=sys.stderr)
+    if argv not in ([], ["--fix"]):
+        print("usage: python -m pipeline.dvcdeps [--fix | --cached-outs]", file=sys.stderr)
         return 2
     reports = check()
+    if argv == ["--fix"] and not all(r.ok for r in reports):
+        path = Path("dvc.yaml")
+        path.write_text(fix_text(path.read_text(), reports))
+        print(format_report(reports))
+        print("added the above to dvc.yaml")
+        reports = check()
     text = format_report(reports)
     print(text or "dvc.yaml: every stage lists its code closure and the params it reads")
     return 0 if all(r.ok for r in reports) else 1
