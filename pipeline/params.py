@@ -61,6 +61,11 @@ class LabelParams(_Section):
     raster_subsample: int = Field(8, ge=1)
 
 
+# Which epoch's weights a training stage keeps: the lowest validation loss, or the final epoch
+# (the paper trains a fixed number of epochs). See pipeline/trainstate.select_weights.
+Select = Literal["best_val", "last"]
+
+
 class ExtractorParams(_Section):
     arch: Literal["googlenet", "resnet18", "small_cnn"] = "small_cnn"
     pretrained: str = "none"
@@ -72,6 +77,7 @@ class ExtractorParams(_Section):
     balance: bool = True
     workers: int = Field(2, ge=0)
     amp: bool = True
+    select: Select = "best_val"
 
 
 class FeatureMapParams(_Section):
@@ -88,6 +94,7 @@ class UNetParams(_Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     augment: bool = True
+    select: Select = "best_val"
 
 
 class E2EParams(_Section):
@@ -97,6 +104,7 @@ class E2EParams(_Section):
     chunk_size: int = Field(32, ge=1)
     backprop_fraction: float = Field(1.0, gt=0, le=1)
     augment: bool = False
+    select: Select = "best_val"
 
 
 class SegOnlyParams(_Section):
@@ -108,6 +116,7 @@ class SegOnlyParams(_Section):
     epochs: int = Field(60, ge=1)
     lr: float = Field(1e-4, gt=0)
     augment: bool = True
+    select: Select = "best_val"
 
 
 class FrozenParams(_Section):

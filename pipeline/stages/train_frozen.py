@@ -65,6 +65,7 @@ from pipeline.segment import write_metrics
 from pipeline.stages.extract_features import BATCH_SIZE, extract_all
 from pipeline.stages.train_unet import train_and_predict
 from pipeline.tileindex import read_tile_index
+from pipeline.trainstate import state_file
 
 log = get_logger("pipeline.train_frozen")
 
@@ -177,7 +178,8 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
         log.info("wrote %s", ckpt)
     feat = extract_all(params, paths, ckpt, variant=VARIANT)
     unet = train_and_predict(params, paths, VARIANT, METHOD, paths.models / "frozen_unet.pt",
-                             REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)})
+                             REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)},
+                             state_path=state_file(paths, STAGE))
     metrics = {**{k: v for k, v in unet.items() if k != "seconds"}, ATTR: source,
                ATTR_STANDARDIZED: bool(standardize), "n_standardization_tiles": n_stats,
                "extractor_arch": params.extractor.arch}

@@ -33,6 +33,7 @@ from pipeline.segment import (
     write_metrics,
     write_predictions,
 )
+from pipeline.trainstate import state_file
 
 log = get_logger("pipeline.train_unet")
 STAGE = "train-unet"
@@ -40,12 +41,13 @@ STAGE = "train-unet"
 
 def train_and_predict(
     params: Params, paths: Paths, feature_variant: str, method: str, checkpoint: Path,
-    report_name: str, extra_attrs: dict | None = None,
+    report_name: str, extra_attrs: dict | None = None, state_path: Path | None = None,
 ) -> dict:
     """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
     write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
     slide to data/predictions/<method>/. Returns the metrics plus `seconds` (wall time, which
-    the metrics file leaves out: it would change every run)."""
+    the metrics file leaves out: it would change every run). `state_path`: the per-epoch
+    training state (resume after a kill; pipeline/trainstate.py), deleted once all is written."""
     t0 = time.time()
     seed_everything(params.seed)
     device = pick_device()
@@ -58,11 +60,13 @@ def train_and_predict(
                 for s in ("train", "val", "test")}
     if not by_split["train"]:
         raise TrainingError(f"{params.data.manifest}: no train slides for the U-Net")
-    unet, rows, best_epoch = train_unet(by_split["train"], by_split["val"], params, device,
-                                        desc=method)
+    unet, fit = train_unet(by_split["train"], by_split["val"], params, device, desc=method,
+                           state_path=state_path)
+    rows = fit.rows
     save_checkpoint(checkpoint, unet, {
         "params_json": params.section_json("seed", "featuremap", "unet"),
-        "feature_variant": feature_variant, "best_epoch": best_epoch,
+        "feature_variant": feature_variant, "best_epoch": fit.best_epoch,
+        "select": fit.select, "selected_epoch": fit.selected_epoch,
     })
     sha = sha256_file(checkpoint)
     off_canvas = {}  # slide -> tissue tiles that fell off its canvas (centered mode)
@@ -73,11 +77,13 @@ def train_and_predict(
         if m.n_outside:
             off_canvas[sid] = m.n_outside
     write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
-    metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
+    metrics = {"best_epoch": fit.best_epoch, "select": fit.select,
+               "selected_epoch": fit.selected_epoch, "val_loss": rows[fit.selected_epoch][2],
                "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
                "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
                "tiles_off_canvas_by_slide": off_canvas}
     write_metrics(paths.reports / f"{report_name}.json", metrics)
+    fit.state.discard()  # every output is written: the training state has served its purpose
     seconds = round(time.time() - t0, 3)
     log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
              len(maps), paths.prediction_file(method, "x").parent, paths.reports / report_name,
@@ -87,7 +93,7 @@ def train_and_predict(
 
 def run(params: Params, paths: Paths) -> dict:
     summary = train_and_predict(params, paths, "", "separate", paths.models / "unet.pt",
-                                "train_unet")
+                                "train_unet", state_path=state_file(paths, STAGE))
     write_timings(paths, STAGE, seconds=summary["seconds"])
     return summary
 
