@@ -379,3 +379,52 @@ def test_extractor_select(project, tmp_path, monkeypatch, select):
     assert math.isclose(summary["val_loss"], vals[summary["selected_epoch"]])
     metrics = json.loads((paths.reports / "train_extractor.json").read_text())
     assert metrics["selected_epoch"] == summary["selected_epoch"]
+
+
+# -- DDP: rank 0 writes one file with every rank's RNG state, each rank resumes its own -----------
+
+
+def _ddp_worker(rank: int, world: int, path: str, port: int, phase: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), PIPELINE_DEVICE="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)  # same weights on every rank, as DDP keeps them
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    g = torch.Generator().manual_seed(50 + rank)
+    ts = TrainState(Path(path), "fp", {"m": model}, {"o": opt}, generators={"g": g})
+    if phase == "save":
+        random.seed(10 + rank)
+        np.random.seed(20 + rank)
+        torch.manual_seed(30 + rank)  # per-rank streams (dropout, augmentation)
+        ts.save(Progress(epoch=2, step=7))
+        expected = _draws(g)
+        torch.save(expected, Path(path).with_name(f"expected{rank}.pt"))
+    else:
+        prog = ts.resume()
+        got = _draws(g)
+        torch.save((prog.epoch, prog.step, got), Path(path).with_name(f"got{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_state_holds_every_ranks_rngs(tmp_path, caplog):
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import _free_port
+
+    path = tmp_path / "state.pt"
+    mp.spawn(_ddp_worker, args=(2, str(path), _free_port(), "save"), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(path), _free_port(), "resume"), nprocs=2, join=True)
+    expected = [torch.load(tmp_path / f"expected{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"got{r}.pt") for r in range(2)]
+    assert expected[0] != expected[1]  # the ranks' streams differ...
+    assert got == [(2, 7, expected[0]), (2, 7, expected[1])]  # ...and each gets its own back
+    model = torch.nn.Linear(3, 2)
+    with caplog.at_level(logging.INFO, logger="pipeline.trainstate"):
+        prog = TrainState(path, "fp", {"m": model}, {"o": torch.optim.Adam(
+            model.parameters())}).resume()
+    assert prog.epoch == 0 and "made by 2 processes, this run has 1" in caplog.text
