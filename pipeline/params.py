@@ -61,8 +61,10 @@ class LabelParams(_Section):
     raster_subsample: int = Field(8, ge=1)
 
 
-# Which epoch's weights a training stage keeps: the lowest validation loss, or the final epoch
-# (the paper trains a fixed number of epochs). See pipeline/trainstate.select_weights.
+# Which epoch's weights a training stage keeps: "best_val" the lowest validation loss, "last" the
+# final epoch. The paper trains a fixed number of epochs (30 / 50 / 10) and keeps the last, so
+# "last" reproduces it; the default stays "best_val", what every result of this project so far
+# was made with (changing it would silently change them). See trainstate.select_weights.
 Select = Literal["best_val", "last"]
 
 

@@ -241,6 +241,12 @@ def write_predictions(
 
 
 def write_curves(path: Path, rows: Sequence[tuple], header: str) -> None:
+    """Per-epoch rows as CSV, written once at the end from the rows the training state carries.
+    Hand-made rather than DVCLive: DVCLive appends each step to its .tsv files as it goes (a
+    killed and resumed run would need them rebuilt from the state anyway), picks up its files
+    "without declarations" only by rewriting dvc.yaml from inside a running stage, and opens the
+    Git/DVC repository when it starts; a CSV declared under `plots:` gives `dvc plots show /
+    diff` the same curves (and the metrics JSON beside it is what `dvc exp show` lists)."""
     write_text_atomic(path, header + "\n" + "".join(
         ",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows))
 

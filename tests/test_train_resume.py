@@ -428,3 +428,62 @@ def test_ddp_state_holds_every_ranks_rngs(tmp_path, caplog):
         prog = TrainState(path, "fp", {"m": model}, {"o": torch.optim.Adam(
             model.parameters())}).resume()
     assert prog.epoch == 0 and "made by 2 processes, this run has 1" in caplog.text
+
+
+# -- under DVC: `dvc repro` after a kill resumes (the state is no out DVC would delete) -----------
+
+
+def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(),
+                         capture_output=True, text=True)
+    if check:
+        assert res.returncode == 0, f"dvc {args}: {res.stdout[-3000:]}{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_sigkill_resumes_the_real_stage(project, tmp_path):
+    """The repo's own train-extractor stage (dvc.yaml) in a git + DVC project: `dvc repro` is
+    SIGKILLed (its whole process group) during training; a second `dvc repro` resumes and
+    ends with the tensors of an uninterrupted `dvc repro`."""
+    from ruamel.yaml import YAML
+
+    root, params = project
+    yaml = YAML()
+    stage = yaml.load((REPO / "dvc.yaml").read_text())["stages"]["train-extractor"]
+    runs = {}
+    for name in ("reference", "killed"):
+        p = tmp_path / name
+        shutil.copytree(root, p)
+        shutil.copytree(REPO / "pipeline", p / "pipeline",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        _write_params(p, params, extractor={"epochs": 4, "batch_size": 2, "workers": 0})
+        with open(p / "dvc.yaml", "w") as f:
+            yaml.dump({"stages": {"train-extractor": stage}}, f)
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"]):
+            subprocess.run(cmd, cwd=p, check=True, capture_output=True)
+        _dvc(p, "init", "-q")
+        shutil.copy(REPO / ".dvcignore", p / ".dvcignore")
+        runs[name] = p
+    _dvc(runs["reference"], "repro")
+    killed = runs["killed"]
+    state = state_file(Paths(killed), "train-extractor")
+    with open(killed / "dvc1.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=killed, env=_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not state.exists():
+            assert proc.poll() is None, (killed / "dvc1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training state"
+            time.sleep(POLL_S)
+        os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs
+        proc.wait(timeout=30)
+    assert not (killed / "models" / "extractor.pt").exists()
+    out = _dvc(killed, "repro")
+    assert "resuming after epoch" in out.stdout + out.stderr
+    a = _tensors(runs["reference"] / "models" / "extractor.pt")
+    b = _tensors(killed / "models" / "extractor.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not state.exists()
+    assert _dvc(killed, "status").stdout.strip().endswith("up to date.")
