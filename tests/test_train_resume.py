@@ -226,6 +226,17 @@ def test_segmenter_select_last_and_best_val_weights(tmp_path):
         assert not _same_tensors(unet_last.state_dict(), unet_best.state_dict())
 
 
+def test_segmenter_killed_after_the_last_epoch_only_writes_outputs(tmp_path, monkeypatch):
+    """A kill between the last epoch's state and the stage's outputs: the rerun trains nothing
+    and keeps the same weights."""
+    path = tmp_path / "state.pt"
+    ref, ref_fit = _fit(path)  # leaves the state (the stage would discard it after its outputs)
+    monkeypatch.setattr(segment, "_segmenter_epoch", None)  # any training would fail
+    got, fit = _fit(path)
+    assert fit.rows == ref_fit.rows and fit.selected_epoch == ref_fit.selected_epoch
+    assert _same_tensors(got.state_dict(), ref.state_dict())
+
+
 def test_segmenter_other_params_start_fresh(tmp_path, monkeypatch, caplog):
     path = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
