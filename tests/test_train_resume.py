@@ -498,3 +498,52 @@ def test_dvc_repro_after_sigkill_resumes_the_real_stage(project, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not state.exists()
     assert _dvc(killed, "status").stdout.strip().endswith("up to date.")
+
+
+# -- the stages that share fit_segmenter: interrupted (in-process) and rerun ---------------------
+
+
+def _run_seg_only(params: Params, paths: Paths) -> None:
+    from pipeline.stages import train_seg_only
+    from tests.test_baselines import TINY
+
+    train_seg_only.run(params, paths, config=TINY.model_copy(update={"epochs": 4}))
+
+
+def _run_frozen(params: Params, paths: Paths) -> None:
+    from pipeline.stages import train_frozen
+
+    train_frozen.run(params, paths)
+
+
+@pytest.mark.parametrize("stage,run,ckpt,report", [
+    ("train-seg-only", _run_seg_only, "seg_only.pt", "train_seg_only.csv"),
+    ("train-frozen", _run_frozen, "frozen_unet.pt", "train_frozen.csv"),
+])
+def test_stage_interrupted_mid_training_resumes_bit_identical(project, tmp_path, monkeypatch,
+                                                              stage, run, ckpt, report):
+    root, params = project
+    params = Params.model_validate({**params.model_dump(mode="json"),
+                                    "unet": {**params.unet.model_dump(), "epochs": 4}})
+    ref, killed = Paths(tmp_path / "ref"), Paths(tmp_path / "killed")
+    shutil.copytree(root, ref.root)
+    shutil.copytree(root, killed.root)
+    run(params, ref)
+    real = segment._segmenter_epoch
+
+    def dying(*args, **kw):
+        if args[4] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+    monkeypatch.setattr(segment, "_segmenter_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, killed)
+    monkeypatch.undo()
+    state = state_file(killed, stage)
+    assert torch.load(state, weights_only=True)["epoch"] == 2
+    torch.manual_seed(99)
+    run(params, killed)
+    a, b = _tensors(ref.models / ckpt), _tensors(killed.models / ckpt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ref.reports / report).read_bytes() == (killed.reports / report).read_bytes()
+    assert not state.exists()
