@@ -69,6 +69,13 @@ class LabelParams(_Section):
     raster_subsample: int = Field(8, ge=1)
 
 
+# Which epoch's weights a training stage keeps: "best_val" the lowest validation loss, "last" the
+# final epoch. The paper trains a fixed number of epochs (30 / 50 / 10) and keeps the last, so
+# "last" reproduces it; the default stays "best_val", what every result of this project so far
+# was made with (changing it would silently change them). See trainstate.select_weights.
+Select = Literal["best_val", "last"]
+
+
 class ExtractorParams(_Section):
     arch: Literal["googlenet", "resnet18", "small_cnn"] = "small_cnn"
     pretrained: str = "none"
@@ -80,6 +87,7 @@ class ExtractorParams(_Section):
     balance: bool = True
     workers: int = Field(2, ge=0)
     amp: bool = True
+    select: Select = "best_val"
 
 
 class FeatureMapParams(_Section):
@@ -96,6 +104,7 @@ class UNetParams(_Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     augment: bool = True
+    select: Select = "best_val"
 
 
 class E2EParams(_Section):
@@ -105,6 +114,7 @@ class E2EParams(_Section):
     chunk_size: int = Field(32, ge=1)
     backprop_fraction: float = Field(1.0, gt=0, le=1)
     augment: bool = False
+    select: Select = "best_val"
 
 
 class SegOnlyParams(_Section):
@@ -116,6 +126,7 @@ class SegOnlyParams(_Section):
     epochs: int = Field(60, ge=1)
     lr: float = Field(1e-4, gt=0)
     augment: bool = True
+    select: Select = "best_val"
 
 
 class FrozenParams(_Section):

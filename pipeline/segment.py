@@ -6,7 +6,6 @@ baseline, e2e-finetune, evaluate and predict, so the placement and prediction co
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
 from pipeline.schema import FEATURES, GRID, LABEL, LUMP_ID, TUMOR_PROB
+from pipeline.trainstate import TrainState, fingerprint, select_weights
 from pipeline.unet import UNet
 
 log = get_logger("pipeline.segment")
@@ -122,49 +122,80 @@ def _loss_over(unet: UNet, pairs, device) -> float:
     return tot / cnt if cnt else float("nan")
 
 
+@dataclass
+class Fit:
+    """A finished segmenter training: per-epoch rows (epoch, train_loss, val_loss), the epoch of
+    the lowest val loss, the epoch whose weights the model holds (`select`), and the training
+    state, to `discard()` once the stage's outputs are written."""
+
+    rows: list[tuple]
+    best_epoch: int
+    selected_epoch: int
+    select: str
+    state: TrainState
+
+
+def _segmenter_epoch(unet: UNet, opt: torch.optim.Optimizer, train_pairs, val_pairs, epoch: int,
+                     batch_size: int, crop: int | None, augment: bool, g: torch.Generator,
+                     device: torch.device, desc: str) -> tuple[int, float, float, int]:
+    """One epoch: (epoch, train loss, val loss, optimizer steps)."""
+    unet.train()
+    tot, cnt, steps = 0.0, 0, 0
+    for b, (x, y) in enumerate(_batches(train_pairs, batch_size, crop, g, augment)):
+        s, c = masked_ce_sum_count(unet(x.to(device)), y.to(device))
+        loss = s / c.clamp(min=1)
+        check_finite(loss, desc, epoch, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tot, cnt, steps = tot + s.item(), cnt + int(c), steps + 1
+    train_loss = tot / max(cnt, 1)
+    val_loss = _loss_over(unet, val_pairs, device) if val_pairs else train_loss
+    return epoch, train_loss, val_loss, steps
+
+
 def fit_segmenter(
     unet: UNet, opt: torch.optim.Optimizer, train_pairs, val_pairs, *, epochs: int,
     batch_size: int, crop: int | None, augment: bool, generator: torch.Generator,
-    device: torch.device, desc: str,
-) -> tuple[list[tuple], int]:
+    device: torch.device, desc: str, select: str = "best_val", state_path: Path | None = None,
+    params_hash: str = "",
+) -> Fit:
     """The U-Net training loop shared by every segmenter (feature maps, the seg-only image):
     shuffled batches of (input, target) pairs (random crops / dihedral augmentation when asked),
-    masked softmax CE, NaN check; keeps the weights of the epoch with the lowest val loss (train
-    loss without val pairs; the last epoch if every val loss is NaN). Returns (per-epoch rows
-    (epoch, train_loss, val_loss), best epoch); `unet` ends with the best weights."""
-    rows, best, best_state, best_epoch = [], float("inf"), None, -1
-    for epoch in progress(range(epochs), desc=desc, unit="epoch"):
-        unet.train()
-        tot, cnt = 0.0, 0
-        for b, (x, y) in enumerate(_batches(train_pairs, batch_size, crop, generator, augment)):
-            s, c = masked_ce_sum_count(unet(x.to(device)), y.to(device))
-            loss = s / c.clamp(min=1)
-            check_finite(loss, desc, epoch, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot, cnt = tot + s.item(), cnt + int(c)
-        train_loss = tot / max(cnt, 1)
-        val_loss = _loss_over(unet, val_pairs, device) if val_pairs else train_loss
-        rows.append((epoch, train_loss, val_loss))
-        if val_loss < best:
-            best, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unet.state_dict().items()})
-    if best_state is None:
-        best_epoch = len(rows) - 1
-    else:
-        unet.load_state_dict(best_state)
-    log.info("%s: best epoch %d, val loss %.4f (last train loss %.4f)", desc, best_epoch,
-             rows[best_epoch][2], rows[-1][1])
-    return rows, best_epoch
+    masked softmax CE, NaN check. `unet` ends with the weights `select` asks for: "best_val" the
+    epoch with the lowest val loss (train loss without val pairs; the last epoch if every val
+    loss is NaN), "last" the final epoch's.
+
+    Resumable (pipeline/trainstate.py): with `state_path`, every epoch writes the training state
+    there, and a run whose `params_hash`, loop settings and (train, val) tensors match the
+    file's goes on after its last epoch with bit-identical results (CPU)."""
+    fp = fingerprint(params_hash, epochs, batch_size, crop, augment, select,
+                     train_pairs, val_pairs)
+    ts = TrainState(state_path, fp, models={"unet": unet}, optimizers={"opt": opt},
+                    generators={"batches": generator}, keep_best=select == "best_val")
+    prog = ts.resume()
+    for epoch in progress(range(prog.epoch, epochs), desc=desc, unit="epoch",
+                          initial=prog.epoch, total=epochs):
+        *row, steps = _segmenter_epoch(unet, opt, train_pairs, val_pairs, epoch, batch_size,
+                                       crop, augment, generator, device, desc)
+        prog.rows.append(tuple(row))
+        prog.consider(row[2], epoch, ts.models)
+        prog.epoch, prog.step = epoch + 1, prog.step + steps
+        ts.save(prog)
+    best_epoch = prog.best_epoch if prog.best_epoch >= 0 else len(prog.rows) - 1
+    selected = select_weights(prog, select, ts.models)
+    log.info("%s: best epoch %d (val loss %.4f); kept epoch %d (select=%s, last train loss "
+             "%.4f)", desc, best_epoch, prog.rows[best_epoch][2], selected, select,
+             prog.rows[-1][1])
+    return Fit(prog.rows, best_epoch, selected, select, ts)
 
 
 def train_unet(
     train_maps: Sequence[SlideMaps], val_maps: Sequence[SlideMaps], params: Params,
-    device: torch.device, desc: str = "unet",
-) -> tuple[UNet, list[tuple], int]:
-    """Train the U-Net (Adam, masked softmax CE) on the train maps; keep the weights with the
-    lowest val loss. Returns (model on CPU, per-epoch rows, best epoch)."""
+    device: torch.device, desc: str = "unet", state_path: Path | None = None,
+) -> tuple[UNet, Fit]:
+    """Train the U-Net (Adam, masked softmax CE) on the train maps; keep the weights
+    unet.select asks for. Returns (model on CPU, the Fit). `state_path`: see fit_segmenter."""
     up = params.unet
     in_ch = train_maps[0].features.shape[1]
     torch.manual_seed(params.seed)
@@ -177,10 +208,11 @@ def train_unet(
     if not train_pairs:
         raise TrainingError("train-unet: no labelled tiles on any train feature map")
     crop = params.featuremap.crop if params.featuremap.mode == "full" else None
-    rows, best_epoch = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=up.epochs,
-                                     batch_size=up.batch_size, crop=crop, augment=up.augment,
-                                     generator=g, device=device, desc=desc)
-    return unet.cpu(), rows, best_epoch
+    fit = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=up.epochs,
+                        batch_size=up.batch_size, crop=crop, augment=up.augment, generator=g,
+                        device=device, desc=desc, select=up.select, state_path=state_path,
+                        params_hash=params.section_hash("seed", "featuremap", "unet"))
+    return unet.cpu(), fit
 
 
 @torch.no_grad()
@@ -214,6 +246,12 @@ def write_predictions(
 
 
 def write_curves(path: Path, rows: Sequence[tuple], header: str) -> None:
+    """Per-epoch rows as CSV, written once at the end from the rows the training state carries.
+    Hand-made rather than DVCLive: DVCLive appends each step to its .tsv files as it goes (a
+    killed and resumed run would need them rebuilt from the state anyway), picks up its files
+    "without declarations" only by rewriting dvc.yaml from inside a running stage, and opens the
+    Git/DVC repository when it starts; a CSV declared under `plots:` gives `dvc plots show /
+    diff` the same curves (and the metrics JSON beside it is what `dvc exp show` lists)."""
     write_text_atomic(path, header + "\n" + "".join(
         ",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows))
 
@@ -224,12 +262,13 @@ def write_metrics(path: Path, metrics: dict) -> None:
 
 def train_and_predict(
     params: Params, paths: Paths, feature_variant: str, method: str, checkpoint: Path,
-    report_name: str, extra_attrs: dict | None = None,
+    report_name: str, extra_attrs: dict | None = None, state_path: Path | None = None,
 ) -> dict:
     """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
     write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
     slide to data/predictions/<method>/. Returns the metrics plus `seconds` (wall time, which
-    the metrics file leaves out: it would change every run)."""
+    the metrics file leaves out: it would change every run). `state_path`: the per-epoch
+    training state (resume after a kill; pipeline/trainstate.py), deleted once all is written."""
     t0 = time.time()
     seed_everything(params.seed)
     device = pick_device()
@@ -242,11 +281,13 @@ def train_and_predict(
                 for s in ("train", "val", "test")}
     if not by_split["train"]:
         raise TrainingError(f"{params.data.manifest}: no train slides for the U-Net")
-    unet, rows, best_epoch = train_unet(by_split["train"], by_split["val"], params, device,
-                                        desc=method)
+    unet, fit = train_unet(by_split["train"], by_split["val"], params, device, desc=method,
+                           state_path=state_path)
+    rows = fit.rows
     save_checkpoint(checkpoint, unet, {
         "params_json": params.section_json("seed", "featuremap", "unet"),
-        "feature_variant": feature_variant, "best_epoch": best_epoch,
+        "feature_variant": feature_variant, "best_epoch": fit.best_epoch,
+        "select": fit.select, "selected_epoch": fit.selected_epoch,
         # the maps' scale and layout: the tile/crop of the features and the featuremap params
         "settings": training_settings(params.model_dump(mode="json")),
     })
@@ -259,11 +300,13 @@ def train_and_predict(
         if m.n_outside:
             off_canvas[sid] = m.n_outside
     write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
-    metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
+    metrics = {"best_epoch": fit.best_epoch, "select": fit.select,
+               "selected_epoch": fit.selected_epoch, "val_loss": rows[fit.selected_epoch][2],
                "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
                "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
                "tiles_off_canvas_by_slide": off_canvas}
     write_metrics(paths.reports / f"{report_name}.json", metrics)
+    fit.state.discard()  # every output is written: the training state has served its purpose
     seconds = round(time.time() - t0, 3)
     log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
              len(maps), paths.prediction_file(method, "x").parent, paths.reports / report_name,

@@ -16,7 +16,6 @@ keeps the same best epoch, and rank 0 alone writes the outputs.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.augment import eval_transform, train_transform
-from pipeline.data import PatchDataset, collect_labelled, patch_loader
+from pipeline.data import PatchDataset, PatchItems, collect_labelled, patch_loader
 from pipeline.distributed import (
     ShardedBalancedSampler,
     all_reduce_sum,
@@ -45,6 +44,7 @@ from pipeline.models import build_extractor, save_checkpoint
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, autocast, check_finite, pick_device, seed_everything
+from pipeline.trainstate import TrainState, fingerprint, select_weights, state_file
 
 log = get_logger("pipeline.train_extractor")
 
@@ -100,6 +100,46 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
+def _train_epoch(
+    net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sampler, train_loader,
+    val_loader, n_val: int, epoch: int, p, device: torch.device, main: bool,
+) -> tuple[int, float, float, float, float]:
+    """One epoch of training and validation: (epoch, train loss, train acc, val loss, val acc),
+    sums all-reduced over the ranks (val = train without val patches)."""
+    sampler.set_epoch(epoch)
+    net.train()
+    tot, correct, n = 0.0, 0, 0
+    bar = progress(train_loader, desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch",
+                   disable=not main)
+    for b, (x, y, _) in enumerate(bar):
+        s, c, k = train_step(net, opt, x, y, device, p.amp, epoch, b)
+        tot += s
+        correct += c
+        n += k
+    tot, correct, n = all_reduce_sum([tot, correct, n], device)
+    train_loss, train_acc = tot / n, correct / n
+    if n_val:
+        broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) one model
+        sums = (_eval_sums(model, val_loader, device, p.amp) if val_loader is not None
+                else (0.0, 0, 0))
+        v_tot, v_correct, v_n = all_reduce_sum(sums, device)
+        val_loss, val_acc = v_tot / v_n, v_correct / v_n
+    else:
+        val_loss, val_acc = train_loss, train_acc
+    check_in_sync(model, where=f"train-extractor epoch {epoch}")
+    log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f",
+             epoch, train_loss, train_acc, val_loss, val_acc)
+    return epoch, train_loss, train_acc, val_loss, val_acc
+
+
+def _fingerprint(params: Params, train: PatchItems, val: PatchItems) -> str:
+    """What the training trajectory depends on: the params it reads (workers aside) and the
+    train/val patches (tile index files, rows, labels)."""
+    return fingerprint(params.section_hash("seed", "extractor", "tile"),
+                       [(it.slide_ids, [Path(f) for f in it.tile_files], it.slide_no,
+                         it.tile_idx, it.labels) for it in (train, val)])
+
+
 def run(params: Params, paths: Paths) -> dict:
     t0 = time.time()
     p = params.extractor
@@ -148,43 +188,28 @@ def run(params: Params, paths: Paths) -> dict:
              device, p.arch, p.pretrained, len(sampler), len(train), len(val),
              f"; rank {rank} of {world}, batch {batch_size} per rank" if world > 1 else "")
 
-    rows, best, best_state, best_epoch = [], float("inf"), None, -1
-    for epoch in range(p.epochs):
-        sampler.set_epoch(epoch)
-        net.train()
-        tot, correct, n = 0.0, 0, 0
-        bar = progress(train_loader, desc=f"epoch {epoch + 1}/{p.epochs}", unit="batch",
-                       disable=not main)
-        for b, (x, y, _) in enumerate(bar):
-            s, c, k = train_step(net, opt, x, y, device, p.amp, epoch, b)
-            tot += s
-            correct += c
-            n += k
-        tot, correct, n = all_reduce_sum([tot, correct, n], device)
-        train_loss, train_acc = tot / n, correct / n
-        if len(val):
-            broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) one model
-            sums = (_eval_sums(model, val_loader, device, p.amp) if val_loader is not None
-                    else (0.0, 0, 0))
-            v_tot, v_correct, v_n = all_reduce_sum(sums, device)
-            val_loss, val_acc = v_tot / v_n, v_correct / v_n
-        else:
-            val_loss, val_acc = train_loss, train_acc
-        check_in_sync(model, where=f"train-extractor epoch {epoch}")
-        rows.append((epoch, train_loss, train_acc, val_loss, val_acc))
-        log.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f",
-                 epoch, train_loss, train_acc, val_loss, val_acc)
-        if val_loss < best:
-            best, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-    model.load_state_dict(best_state)
+    ts = TrainState(state_file(paths, STAGE), _fingerprint(params, train, val),
+                    models={"model": model}, optimizers={"opt": opt},
+                    generators={"train": train_loader.generator,
+                                **({"val": val_loader.generator} if val_loader else {})})
+    prog = ts.resume(device)
+    for epoch in range(prog.epoch, p.epochs):
+        row = _train_epoch(net, model, opt, sampler, train_loader, val_loader, len(val), epoch,
+                           p, device, main)
+        prog.rows.append(row)
+        prog.consider(row[3], epoch, ts.models)
+        prog.epoch, prog.step = epoch + 1, prog.step + len(train_loader)
+        ts.save(prog)
+    rows, best_epoch = prog.rows, prog.best_epoch
+    selected = select_weights(prog, p.select, ts.models)
     ckpt = paths.models / CHECKPOINT
-    _, _, _, best_val_loss, best_val_acc = rows[best_epoch]
+    _, _, _, sel_val_loss, sel_val_acc = rows[selected]
     metrics = {
         "best_epoch": best_epoch,
-        "val_loss": best_val_loss,
-        "val_accuracy": best_val_acc,
+        "select": p.select,
+        "selected_epoch": selected,
+        "val_loss": sel_val_loss,
+        "val_accuracy": sel_val_acc,
         "train_loss_last": rows[-1][1],
         "n_train_patches": len(train),
         "n_val_patches": len(val),
@@ -195,7 +220,8 @@ def run(params: Params, paths: Paths) -> dict:
     if main:
         save_checkpoint(ckpt, model.cpu(), {
             "params_json": params.section_json("seed", "extractor", "tile"),
-            "best_epoch": best_epoch, "val_loss": best, **extra,
+            "best_epoch": best_epoch, "select": p.select, "selected_epoch": selected,
+            "val_loss": sel_val_loss, **extra,
         })
         write_json_atomic(paths.reports / METRICS, metrics)
         csv = "epoch,train_loss,train_accuracy,val_loss,val_accuracy\n" + "".join(
@@ -203,9 +229,10 @@ def run(params: Params, paths: Paths) -> dict:
         )
         write_text_atomic(paths.reports / CURVES, csv)
         write_timings(paths, STAGE, seconds=seconds)
-        log.info("wrote %s (best epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, best_epoch,
-                 best, paths.reports / METRICS, paths.reports / CURVES, seconds)
+        log.info("wrote %s (%s: epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, p.select,
+                 selected, sel_val_loss, paths.reports / METRICS, paths.reports / CURVES, seconds)
     barrier()  # the outputs exist for every rank once this returns
+    ts.discard()  # outputs written: the training state has served its purpose
     return {**metrics, "seconds": seconds}
 
 

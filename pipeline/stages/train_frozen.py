@@ -64,6 +64,7 @@ from pipeline.paths import Paths
 from pipeline.runtime import pick_device
 from pipeline.segment import train_and_predict, write_metrics
 from pipeline.tileindex import read_tile_index
+from pipeline.trainstate import state_file
 
 log = get_logger("pipeline.train_frozen")
 
@@ -176,7 +177,8 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
         log.info("wrote %s", ckpt)
     feat = extract_all(params, paths, ckpt, variant=VARIANT)
     unet = train_and_predict(params, paths, VARIANT, METHOD, paths.models / "frozen_unet.pt",
-                             REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)})
+                             REPORT_NAME, {ATTR: source, ATTR_STANDARDIZED: int(standardize)},
+                             state_path=state_file(paths, STAGE))
     metrics = {**{k: v for k, v in unet.items() if k != "seconds"}, ATTR: source,
                ATTR_STANDARDIZED: bool(standardize), "n_standardization_tiles": n_stats,
                "extractor_arch": params.extractor.arch}

@@ -59,9 +59,10 @@ from pipeline.params import Params, SegOnlyParams, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, pick_device, seed_everything
 from pipeline.schema import IGNORE_INDEX, LABEL
-from pipeline.segment import fit_segmenter, write_curves, write_metrics, write_predictions
+from pipeline.segment import Fit, fit_segmenter, write_curves, write_metrics, write_predictions
 from pipeline.slide import Slide
 from pipeline.tileindex import read_tile_index
+from pipeline.trainstate import state_file
 from pipeline.unet import UNet
 
 log = get_logger("pipeline.train_seg_only")
@@ -165,11 +166,11 @@ def padded_tensors(
 
 def train_seg_unet(
     train: Sequence[SegImage], val: Sequence[SegImage], cfg: SegOnlyParams, seed: int,
-    device: torch.device,
-) -> tuple[UNet, list[tuple], int]:
-    """Train the image U-Net on random crops of the train images; keep the weights with the
-    lowest val loss (train loss when there is no val slide). Returns (model on CPU, per-epoch
-    rows (epoch, train_loss, val_loss), best epoch)."""
+    device: torch.device, state_path: Path | None = None, params_hash: str = "",
+) -> tuple[UNet, Fit]:
+    """Train the image U-Net on random crops of the train images; keep the weights cfg.select
+    asks for (best_val: the lowest val loss, train loss when there is no val slide; last).
+    Returns (model on CPU, the Fit). `state_path`, `params_hash`: see fit_segmenter."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     unet = UNet(in_channels=3, depth=cfg.depth, width=cfg.width).to(device)
@@ -181,11 +182,11 @@ def train_seg_unet(
     if not train_pairs:
         raise TrainingError("train-seg-only: no labelled tiles on any train slide")
     val_pairs = [padded_tensors(s, unet.multiple) for s in val]
-    rows, best_epoch = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=cfg.epochs,
-                                     batch_size=cfg.batch_size, crop=crop_px,
-                                     augment=cfg.augment, generator=g, device=device,
-                                     desc=METHOD)
-    return unet.cpu(), rows, best_epoch
+    fit = fit_segmenter(unet, opt, train_pairs, val_pairs, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, crop=crop_px, augment=cfg.augment,
+                        generator=g, device=device, desc=METHOD, select=cfg.select,
+                        state_path=state_path, params_hash=params_hash)
+    return unet.cpu(), fit
 
 
 @torch.no_grad()
@@ -230,12 +231,14 @@ def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> di
                 for s in ("train", "val", "test")}
     if not by_split["train"]:
         raise TrainingError(f"{manifest_path}: no train slides for the seg-only U-Net")
-    unet, rows, best_epoch = train_seg_unet(by_split["train"], by_split["val"], cfg,
-                                            params.seed, device)
+    unet, fit = train_seg_unet(by_split["train"], by_split["val"], cfg, params.seed, device,
+                               state_file(paths, STAGE), seg_only_hash(params, cfg))
+    rows, best_epoch = fit.rows, fit.best_epoch
     checkpoint = paths.models / "seg_only.pt"
     save_checkpoint(checkpoint, unet, {
         "params_json": params.section_json("seed", "tile", "seg_only"),
         "seg_only_config": cfg.model_dump(mode="json"), "px_per_tile": k, "best_epoch": best_epoch,
+        "select": fit.select, "selected_epoch": fit.selected_epoch,
     })
     sha = sha256_file(checkpoint)
     phash = seg_only_hash(params, cfg)
@@ -244,7 +247,8 @@ def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> di
                           METHOD, sid, phash, sha)
     write_curves(paths.reports / f"{REPORT_NAME}.csv", rows, "epoch,train_loss,val_loss")
     metrics = {
-        "best_epoch": best_epoch, "val_loss": rows[best_epoch][2], "train_loss_last": rows[-1][1],
+        "best_epoch": best_epoch, "select": fit.select, "selected_epoch": fit.selected_epoch,
+        "val_loss": rows[fit.selected_epoch][2], "train_loss_last": rows[-1][1],
         "n_train_slides": len(by_split["train"]), "n_val_slides": len(by_split["val"]),
         "downsample": cfg.downsample, "px_per_tile": k, "unet_depth": cfg.depth,
         "unet_width": cfg.width, "epochs": cfg.epochs,
@@ -255,6 +259,7 @@ def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> di
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"seconds_images": round(t_load, 3), "seconds": round(time.time() - t0, 3)}
     write_timings(paths, STAGE, **timings)
+    fit.state.discard()  # every output is written: the training state has served its purpose
     log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
              len(images), paths.prediction_file(METHOD, "x").parent, paths.reports / REPORT_NAME,
              timings["seconds"])

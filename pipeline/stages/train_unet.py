@@ -22,6 +22,7 @@ from pipeline.log import get_logger
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.segment import train_and_predict
+from pipeline.trainstate import state_file
 
 log = get_logger("pipeline.train_unet")
 STAGE = "train-unet"
@@ -29,7 +30,7 @@ STAGE = "train-unet"
 
 def run(params: Params, paths: Paths) -> dict:
     summary = train_and_predict(params, paths, "", "separate", paths.models / "unet.pt",
-                                "train_unet")
+                                "train_unet", state_path=state_file(paths, STAGE))
     write_timings(paths, STAGE, seconds=summary["seconds"])
     return summary
 
