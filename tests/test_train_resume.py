@@ -260,7 +260,9 @@ def _write_params(root: Path, params: Params, **sections) -> None:
 
 
 def _env() -> dict:
+    # dvc runs the stage command `python -m pipeline ...`: this interpreter must be `python`
     return {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_DEVICE": "cpu",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
