@@ -81,7 +81,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, remove_stale_temps
 from pipeline.log import get_logger
 
 if TYPE_CHECKING:
@@ -295,17 +295,20 @@ class TrainState:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        with contextlib.suppress(OSError):
-            self.path.parent.rmdir()  # only when empty
+        for d in (self.path.parent, self.path.parent.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
 
     # reading ------------------------------------------------------------------------------
     def resume(self, device: torch.device | None = None) -> Progress:
         """A fresh Progress, or the saved one with the models, optimizers, schedulers, named
         generators and global RNGs restored in place. `device`: the CUDA device of this rank
         under NCCL (for the cross-rank agreement check)."""
+        rank, world = _dist()
+        if self.path is not None and rank == 0:
+            remove_stale_temps([self.path])  # a writer killed mid-save leaves its temp file
         obj = self._read()
         prog = Progress() if obj is None else self._restore(obj)
-        rank, world = _dist()
         if world > 1:
             t = torch.tensor([prog.epoch, -prog.epoch], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
