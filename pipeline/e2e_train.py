@@ -1,5 +1,6 @@
 """End-to-End training around the two-block gradient (pipeline.e2e): the optimizer with optional
-higher-precision master weights, and how far each model moved from its starting weights.
+higher-precision master weights, how far each model moved from its starting weights, and the
+validation slide loss (for e2e.select: best_val).
 
 Why master weights. An Adam step moves a weight by about lr. A float32 weight w only changes
 when the step exceeds half its ulp (|w| * 2^-24): at the paper's lr_fe = 1e-9 every weight with
@@ -12,12 +13,15 @@ before. Steps smaller than an ulp then accumulate in the master until the rounde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from pipeline.e2e import ChunkSource, map_indices, slide_loss
+from pipeline.featuremap import MapLayout
 from pipeline.models import PatchClassifier
 
 MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -123,3 +127,28 @@ def movement(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, f
         ref_sq += float((w0.double() ** 2).sum())
     return {"moved_fraction": changed / max(total, 1),
             "rel_l2": (diff_sq ** 0.5) / ref_sq ** 0.5 if ref_sq > 0 else float(diff_sq > 0)}
+
+
+@torch.no_grad()
+def val_slide_loss(
+    extractor: nn.Module, unet: nn.Module, chunks: ChunkSource, layouts: Sequence[MapLayout],
+    labels: np.ndarray, prepare: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[float, int]:
+    """The slide loss L of pipeline.e2e at inference (extractor and U-Net in eval mode: no
+    dropout, frozen BatchNorm), features streamed chunk by chunk without a graph. Returns
+    (L, n_labelled); (0.0, 0) for a slide without labelled tiles on its maps."""
+    indices = map_indices(layouts)
+    if len(indices) == 0:
+        return 0.0, 0
+    device, dtype = next(extractor.parameters()).device, next(extractor.parameters()).dtype
+    saved = [(m, m.training) for m in (*extractor.modules(), *unet.modules())]
+    extractor.eval()
+    unet.eval()
+    try:
+        feats = torch.cat([extractor.features(prepare(px.to(device=device, dtype=dtype)))
+                           for _, px in chunks(indices)])
+        loss, n = slide_loss(unet, feats, indices, layouts, np.asarray(labels))
+    finally:
+        for m, training in saved:
+            m.training = training
+    return float(loss), int(n)

@@ -98,6 +98,7 @@ class E2EParams(_Section):
     backprop_fraction: float = Field(1.0, gt=0, le=1)
     augment: bool = False
     master_dtype: Literal["float32", "float64"] = "float64"
+    select: Literal["best_val", "last"] = "last"
     state_every_slides: int = Field(4, ge=0)
 
 

@@ -161,3 +161,41 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(project, tmp_path):
     assert "resuming" not in log
     assert not torch.equal(_weights(other)["e2e_extractor.pt:feature.weight"],
                            want_w["e2e_extractor.pt:feature.weight"])
+
+
+def test_select_best_val_keeps_the_epoch_with_the_lowest_val_loss(project, tmp_path):
+    """select=best_val: the val slide loss is computed after every epoch (csv), the written
+    checkpoints are the selected epoch's (their val loss, recomputed here, is the minimum)."""
+    from pipeline.e2e_train import val_slide_loss
+    from pipeline.manifest import load_manifest
+    from pipeline.models import load_extractor, load_unet
+    from pipeline.params import load_params
+    from pipeline.segment import load_slide_maps
+    from pipeline.stages.e2e_finetune import loader_chunks, pixel_fn
+    from pipeline.stages.e2e_finetune import run as e2e_run
+
+    root = _copy(project, tmp_path / "best_val")
+    raw = json.loads((root / "params.yaml").read_text())
+    raw["e2e"].update(select="best_val", epochs=3, lr_fe=3e-3, lr_seg=3e-3)
+    (root / "params.yaml").write_text(json.dumps(raw))
+    params = load_params(root / "params.yaml")
+    paths = Paths(root)
+    metrics = e2e_run(params, paths)
+    rows = [line.split(",") for line in (root / "reports/e2e.csv").read_text().splitlines()]
+    assert rows[0][:3] == ["epoch", "train_loss", "val_loss"]
+    val = [float(r[2]) for r in rows[1:]]
+    assert len(val) == 3 and len(set(val)) == 3  # the weights changed between epochs
+    assert metrics["selected_epoch"] == min(range(3), key=val.__getitem__)
+    assert metrics["val_loss"] == pytest.approx(min(val), abs=1e-6)
+
+    fe, _ = load_extractor(paths.models / "e2e_extractor.pt")
+    unet, _ = load_unet(paths.models / "e2e_unet.pt")
+    manifest = load_manifest(params.data.manifest)
+    losses = []
+    for sid in manifest.loc[manifest["split"] == "val", "slide_id"]:
+        m = load_slide_maps(paths.feature_file(sid), sid, params)
+        loss, n = val_slide_loss(fe, unet, loader_chunks(paths.tile_file(sid), 64, 0, None),
+                                 m.layouts, m.labels, pixel_fn(params.extractor.crop_px, False))
+        if n:
+            losses.append(loss)
+    assert sum(losses) / len(losses) == pytest.approx(min(val), rel=1e-5)

@@ -61,7 +61,13 @@ from pipeline.distributed import (
     shard,
 )
 from pipeline.e2e import ChunkSource, chunk_indices, e2e_slide_step
-from pipeline.e2e_train import StepOptimizer, make_optimizer, movement, snapshot
+from pipeline.e2e_train import (
+    StepOptimizer,
+    make_optimizer,
+    movement,
+    snapshot,
+    val_slide_loss,
+)
 from pipeline.featuremap import MapLayout
 from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
@@ -78,7 +84,7 @@ from pipeline.segment import (
     write_predictions,
 )
 from pipeline.stages.extract_features import extract_all
-from pipeline.trainstate import Progress, TrainState, fingerprint, state_file
+from pipeline.trainstate import Progress, TrainState, fingerprint, select_weights, state_file
 
 log = get_logger("pipeline.e2e_finetune")
 STAGE = "e2e-finetune"
@@ -249,6 +255,9 @@ class _Run:
     rank: int
     world: int
     device: torch.device
+    val_jobs: list[SlideJob]  # this rank's val slides (select=best_val only)
+    val_reader: ChunkReader | None
+    crop_px: int
 
 
 def _fingerprint(params: Params, paths: Paths, train_ids: Sequence[str]) -> str:
@@ -281,10 +290,24 @@ def _save_due(step: int, world: int, every: int) -> bool:
     return every > 0 and ((step + 1) * world) // every > (step * world) // every
 
 
+def _val_loss(r: _Run) -> float:
+    """Mean slide loss over the val slides with labelled tiles (all ranks), at inference."""
+    total, n = 0.0, 0
+    prepare = pixel_fn(r.crop_px, False)
+    for job in r.val_jobs:
+        loss, n_labelled = val_slide_loss(r.extractor, r.unet, job.chunks, job.layouts,
+                                          job.labels, prepare)
+        if n_labelled:
+            total, n = total + loss, n + 1
+    total, n = all_reduce_sum([total, n], r.device)
+    return total / n if n else float("nan")
+
+
 def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> list[tuple]:
     """The epochs (from where `prog` stands): one e2e step per slide (per W slides under DDP),
-    the state saved every e2e.state_every_slides slides and after each epoch. Returns the
-    per-epoch rows (epoch, loss, n_patches, n_reforwarded, *movement)."""
+    the state saved every e2e.state_every_slides slides and after each epoch; with
+    select=best_val the val loss after each epoch. Returns the per-epoch rows (epoch, loss,
+    val loss, n_patches, n_reforwarded, *movement)."""
     rng = np.random.default_rng(seed)
     for _ in range(prog.epoch):  # the orders of the epochs already done
         rng.permutation(len(r.train_ids))
@@ -322,10 +345,12 @@ def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> 
             mean_loss = loss_sum / n_loss if n_loss else float("nan")
         check_in_sync(r.extractor, r.unet, where=f"e2e-finetune epoch {epoch}")
         moved = _moved(r)
-        prog.rows.append((epoch, mean_loss, int(n_pat), int(n_ref), *moved.values()))
-        log.info("e2e epoch %d: mean slide loss %.5f, %d patches forwarded, %d re-forwarded; "
-                 "moved: extractor %.4f of weights (rel L2 %.3g), U-Net %.4f (rel L2 %.3g)",
-                 epoch, mean_loss, n_pat, n_ref, *moved.values())
+        val_loss = _val_loss(r) if p.select == "best_val" else float("nan")
+        prog.consider(val_loss, epoch, ts.models)  # NaN (select=last) is never the best
+        prog.rows.append((epoch, mean_loss, val_loss, int(n_pat), int(n_ref), *moved.values()))
+        log.info("e2e epoch %d: mean slide loss %.5f (val %.5f), %d patches forwarded, %d "
+                 "re-forwarded; moved: extractor %.4f of weights (rel L2 %.3g), U-Net %.4f "
+                 "(rel L2 %.3g)", epoch, mean_loss, val_loss, n_pat, n_ref, *moved.values())
         prog.epoch, prog.extra = epoch + 1, {}
         ts.save(prog)
     return prog.rows
@@ -342,6 +367,23 @@ def _one_step(r: _Run, p: E2EParams, slides: list[int], epoch: int, step: int,
                       augment=r.augment, backprop_fraction=p.backprop_fraction,
                       epoch=epoch, step=step)
     return out
+
+
+def _val_jobs(params: Params, paths: Paths, manifest, rank: int,
+              world: int) -> tuple[list[SlideJob], ChunkReader | None]:
+    """This rank's share of the val slides (select=best_val), over their own reader."""
+    val_ids = shard(list(manifest.loc[manifest["split"] == "val", "slide_id"]), rank, world)
+    if not val_ids:
+        return [], None
+    caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+              for sid in val_ids]
+    reader = ChunkReader([paths.tile_file(sid) for sid in val_ids], params.e2e.chunk_size,
+                         params.extractor.workers, caches)
+    jobs = []
+    for k, sid in enumerate(val_ids):
+        m = load_slide_maps(paths.feature_file(sid), sid, params)
+        jobs.append(SlideJob(reader.source(k), m.layouts, m.labels, 0))
+    return jobs, reader
 
 
 def _setup(params: Params, paths: Paths, rank: int, world: int,
@@ -371,8 +413,11 @@ def _setup(params: Params, paths: Paths, rank: int, world: int,
               for sid in train_ids]
     reader = ChunkReader([paths.tile_file(sid) for sid in train_ids], p.chunk_size,
                          params.extractor.workers, caches)
+    val_jobs, val_reader = (_val_jobs(params, paths, manifest, rank, world)
+                            if p.select == "best_val" else ([], None))
     r = _Run(extractor, unet, opt_fe, opt_seg, reader, maps, train_ids,
-             pixel_fn(params.extractor.crop_px, p.augment), start, rank, world, device)
+             pixel_fn(params.extractor.crop_px, p.augment), start, rank, world, device,
+             val_jobs, val_reader, params.extractor.crop_px)
     return r, ext_meta, unet_meta
 
 
@@ -384,12 +429,17 @@ def run(params: Params, paths: Paths) -> dict:
     seed_everything(params.seed)
     device = pick_device()
     r, ext_meta, unet_meta = _setup(params, paths, rank, world, device)
-    # keep_best=False: e2e keeps its last epoch (the paper's fixed-epoch finetuning)
     ts = TrainState(state_file(paths, STAGE), _fingerprint(params, paths, r.train_ids),
                     models={"extractor": r.extractor, "unet": r.unet},
-                    optimizers={"fe": r.opt_fe, "seg": r.opt_seg}, keep_best=False)
-    rows = _train(r, p, params.seed, ts, ts.resume(device))
+                    optimizers={"fe": r.opt_fe, "seg": r.opt_seg},
+                    keep_best=p.select == "best_val")
+    prog = ts.resume(device)
+    rows = _train(r, p, params.seed, ts, prog)
+    selected = select_weights(prog, p.select, ts.models) if rows else -1
     r.reader.close()  # its workers would otherwise idle through the feature extraction below
+    if r.val_reader is not None:
+        r.val_reader.close()
+    moved = _moved(r)  # of the weights written below (the selected epoch's)
     extractor, unet = r.extractor, r.unet
     ext_ckpt, unet_ckpt = paths.models / "e2e_extractor.pt", paths.models / "e2e_unet.pt"
     if main:
@@ -412,7 +462,7 @@ def run(params: Params, paths: Paths) -> dict:
                           params.section_hash("featuremap", "unet", "e2e"), sha)
         del ms, prob
     barrier()
-    metrics = _metrics(rows, p, len(r.train_ids), world)
+    metrics = _metrics(rows, p, len(r.train_ids), world, selected, moved)
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"seconds": round(time.time() - t0, 3),
                "feature_extraction_seconds": feat_summary["seconds"]}
@@ -427,26 +477,27 @@ def run(params: Params, paths: Paths) -> dict:
     return {**metrics, **timings}
 
 
-CSV_HEADER = ("epoch,train_loss,n_patches,n_reforwarded,fe_moved_fraction,fe_rel_l2,"
+CSV_HEADER = ("epoch,train_loss,val_loss,n_patches,n_reforwarded,fe_moved_fraction,fe_rel_l2,"
               "seg_moved_fraction,seg_rel_l2")
 MOVED_KEYS = ("fe_moved_fraction", "fe_rel_l2", "seg_moved_fraction", "seg_rel_l2")
 
 
-def _metrics(rows: list[tuple], p: E2EParams, n_train: int, world: int) -> dict:
-    """reports/e2e.json: losses, and how far each model moved from its starting checkpoint
-    (fraction of trained parameter elements that differ; relative L2 of the change), after
-    the last epoch (top level, for `dvc exp show`) and per epoch."""
+def _metrics(rows: list[tuple], p: E2EParams, n_train: int, world: int, selected: int,
+             moved: dict[str, float]) -> dict:
+    """reports/e2e.json: losses, the selected epoch, and how far each model moved from its
+    starting checkpoint (fraction of trained parameter elements that differ; relative L2 of
+    the change): of the written weights (top level, for `dvc exp show`) and per epoch."""
     nan = float("nan")
-    last = dict(zip(MOVED_KEYS, rows[-1][4:], strict=True)) if rows else dict.fromkeys(
-        MOVED_KEYS, 0.0)
     metrics = {
         "train_loss_first_epoch": rows[0][1] if rows else nan,
         "train_loss_last_epoch": rows[-1][1] if rows else nan,
         "epochs": p.epochs, "lr_fe": p.lr_fe, "lr_seg": p.lr_seg,
-        "n_train_slides": n_train, **last,
-        "moved_per_epoch": {str(row[0]): dict(zip(MOVED_KEYS, row[4:], strict=True))
+        "n_train_slides": n_train, "selected_epoch": selected, **moved,
+        "moved_per_epoch": {str(row[0]): dict(zip(MOVED_KEYS, row[5:], strict=True))
                             for row in rows},
     }
+    if p.select == "best_val":
+        metrics["val_loss"] = rows[selected][2] if rows else nan
     if world > 1:
         metrics["world_size"] = world
     return metrics
