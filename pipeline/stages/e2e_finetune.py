@@ -260,10 +260,11 @@ class _Run:
     crop_px: int
 
 
-def _fingerprint(params: Params, paths: Paths, train_ids: Sequence[str]) -> str:
+def _fingerprint(params: Params, paths: Paths, slide_ids: Sequence[str]) -> str:
     """What the training trajectory depends on: the params e2e reads (state_every_slides and
-    worker counts aside), the two starting checkpoints, the train slides and their inputs."""
-    inputs = [(sid, paths.feature_file(sid), paths.tile_file(sid)) for sid in train_ids]
+    worker counts aside), the two starting checkpoints, the train (and, for best_val, val)
+    slides and their inputs."""
+    inputs = [(sid, paths.feature_file(sid), paths.tile_file(sid)) for sid in slide_ids]
     return fingerprint(
         params.section_hash("seed", "e2e", "featuremap", "tile", "label"),
         params.extractor.crop_px, params.unet.depth,
@@ -429,7 +430,10 @@ def run(params: Params, paths: Paths) -> dict:
     seed_everything(params.seed)
     device = pick_device()
     r, ext_meta, unet_meta = _setup(params, paths, rank, world, device)
-    ts = TrainState(state_file(paths, STAGE), _fingerprint(params, paths, r.train_ids),
+    manifest = load_manifest(params.data.manifest)
+    val_ids = (list(manifest.loc[manifest["split"] == "val", "slide_id"])
+               if p.select == "best_val" else [])  # every rank's: one fingerprint
+    ts = TrainState(state_file(paths, STAGE), _fingerprint(params, paths, r.train_ids + val_ids),
                     models={"extractor": r.extractor, "unet": r.unet},
                     optimizers={"fe": r.opt_fe, "seg": r.opt_seg},
                     keep_best=p.select == "best_val")
@@ -454,7 +458,6 @@ def run(params: Params, paths: Paths) -> dict:
     # both are split over the ranks (slide i -> rank i % world).
     feat_summary = extract_all(params, paths, ext_ckpt, variant="e2e")
     sha = sha256_file(unet_ckpt)
-    manifest = load_manifest(params.data.manifest)
     for sid in shard(list(manifest["slide_id"]), rank, world):
         ms = load_slide_maps(paths.feature_file(sid, "e2e"), sid, params)
         prob = predict_tiles(unet, ms.features, ms.layouts, device)
