@@ -2,6 +2,11 @@
 
     python benchmarks/e2e_memory.py [--arch small_cnn --patch-px 64 --chunk 32
                                      --ns 256,1024,4096 --device auto]
+    python benchmarks/e2e_memory.py --arch timm:vit_tiny_patch16_224 --patch-px 64 \
+        --ns 64,256,1024 --out reports/bench/e2e_memory_vit.json      # the ViT row
+
+--arch timm:<name> builds a timm model (random init, img_size = --patch-px, drop-path 0.1)
+under the paper's feature/head Linears, as pipeline.models.PatchClassifier wraps any backbone.
 
 For each slide size N (patches on one map), in a FRESH subprocess per (method, N):
 - two_block: pipeline.e2e.e2e_slide_step (memory ~ chunk r, not N) — peak memory of the first
@@ -36,7 +41,7 @@ import torch
 from pipeline.e2e import chunk_indices, e2e_slide_step, one_graph_grads
 from pipeline.featuremap import build_layouts
 from pipeline.io import write_json_atomic
-from pipeline.models import build_extractor
+from pipeline.models import ARCHS, PatchClassifier, build_extractor
 from pipeline.schema import LABEL_NOLABEL, LABEL_NORMAL, LABEL_TUMOR
 from pipeline.unet import UNet
 
@@ -49,6 +54,17 @@ def _rss_mib() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     scale = 1 if platform.system() == "Darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+
+
+def _build_extractor(arch: str, patch_px: int) -> torch.nn.Module:
+    if not arch.startswith("timm:"):
+        return build_extractor(arch, feature_dim=16)
+    import timm
+
+    name = arch.split(":", 1)[1]
+    backbone = timm.create_model(name, pretrained=False, num_classes=0, img_size=patch_px,
+                                 drop_path_rate=0.1)
+    return PatchClassifier(backbone, backbone.num_features, 16, arch)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -138,7 +154,7 @@ def worker(args: argparse.Namespace) -> dict:
     machine whose load changes. naive: peak memory (and time) of one one-graph step."""
     device = _resolve_device(args.device)
     torch.manual_seed(0)
-    extractor = build_extractor(args.arch, feature_dim=16).to(device).train()
+    extractor = _build_extractor(args.arch, args.patch_px).to(device).train()
     unet = UNet(in_channels=16, n_classes=2, depth=UNET_DEPTH, width=32).to(device).train()
     n = args.n
     layouts, labels = _slide(n, seed=0)
@@ -231,7 +247,8 @@ def _fmt(v, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="small_cnn", choices=["small_cnn", "googlenet", "resnet18"])
+    p.add_argument("--arch", default="small_cnn",
+                   help=f"one of {', '.join(ARCHS)}, or timm:<model name> (e.g. a ViT)")
     p.add_argument("--patch-px", type=int, default=64)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--ns", default="256,1024,4096")
@@ -241,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.arch not in ARCHS and not args.arch.startswith("timm:"):
+        p.error(f"--arch {args.arch!r}: expected one of {', '.join(ARCHS)} or timm:<name>")
 
     if args.worker:
         args.method = args.worker

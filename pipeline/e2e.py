@@ -29,7 +29,11 @@ that function is the one a single autograd graph over all N patches would differ
   split a request into consecutive runs of `chunk_size` indices (the last may be shorter) — see
   `chunk_indices` — and pass 2 re-forwards whole chunks; this is checked, not assumed. The
   global RNG state is left as it was. Use a different `seed` per step (e.g. per epoch and slide)
-  so masks differ between steps.
+  so masks differ between steps. This covers every layer that draws from torch's generator of
+  the device: nn.Dropout, timm's DropPath (stochastic depth: a per-sample bernoulli_ mask),
+  attention dropout inside scaled_dot_product_attention (CPU and the CUDA kernels' philox seed).
+  LayerNorm (ViTs) normalises each sample on its own and needs no freezing; tested on a tiny
+  timm ViT with drop-path in tests/test_e2e_vit.py.
 - Skipping: rows of dL/dx that are exactly zero contribute nothing to L', so a chunk whose rows
   are all zero is not re-forwarded (exact). Tiles that fell off the canvas are not on any map
   and are not forwarded at all (L does not depend on them).

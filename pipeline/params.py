@@ -114,7 +114,9 @@ class E2EParams(_Section):
     chunk_size: int = Field(32, ge=1)
     backprop_fraction: float = Field(1.0, gt=0, le=1)
     augment: bool = False
-    select: Select = "best_val"
+    master_dtype: Literal["float32", "float64"] = "float64"
+    select: Select = "last"
+    state_every_slides: int = Field(4, ge=0)
 
 
 class SegOnlyParams(_Section):
@@ -167,7 +169,8 @@ class Params(_Section):
 
 
 # Per section: keys that do not change any output (parallelism, an optional read cache).
-RUNTIME_KEYS = {"tile": {"workers", "cache_pixels"}, "extractor": {"workers"}}
+RUNTIME_KEYS = {"tile": {"workers", "cache_pixels"}, "extractor": {"workers"},
+                "e2e": {"state_every_slides"}}
 
 
 def _without_runtime(section: str, dumped: Any) -> Any:

@@ -9,10 +9,22 @@ BatchNorm frozen, dropout and augmentation replayed per chunk). The U-Net runs i
 (frozen BatchNorm statistics, like the extractor): a lone slide map is a batch of one, whose
 statistics would otherwise overwrite the running ones learned on batches of maps.
 
-Writes models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json (metrics),
-reports/e2e.csv (per-epoch loss), data/features_e2e/<slide>.h5 (features of the finetuned
+Adam's master weights are float64 by default (e2e.master_dtype, pipeline/e2e_train.py): at
+lr 1e-9 a float32 Adam step is below half an ulp of most weights and would be rounded away.
+
+Writes models/e2e_extractor.pt, models/e2e_unet.pt, reports/e2e.json (metrics, including how
+far each model moved from its starting checkpoint: fraction of trained parameter elements that
+changed and relative L2 of the change, after the last epoch and per epoch), reports/e2e.csv
+(per-epoch loss and movement), data/features_e2e/<slide>.h5 (features of the finetuned
 extractor), data/predictions/e2e/<slide>.h5 and reports/timings/e2e-finetune.json (wall times,
 kept out of the metrics).
+
+Resume: every e2e.state_every_slides train slides and after each epoch, an atomic training
+state (both models, both optimizers with their master weights, epoch, the epoch's slide order
+and position, loss sums, RNG states) goes to models/state/e2e-finetune/state.pt
+(pipeline/trainstate.py; not a DVC output, deleted once the outputs are written). A rerun with
+the same params and inputs continues from it and ends bit-identical to an uninterrupted run
+(CPU); other params or inputs start from scratch with a log line saying so.
 
 Under `torchrun --nproc_per_node=W` (docs/distributed.md) a step is W slides, one per rank, from
 the same seeded epoch order (rank r takes positions r, r + W, ...): both models' gradients are
@@ -28,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +61,20 @@ from pipeline.distributed import (
     shard,
 )
 from pipeline.e2e import ChunkSource, chunk_indices, e2e_slide_step
+from pipeline.e2e_train import (
+    StepOptimizer,
+    make_optimizer,
+    movement,
+    snapshot,
+    val_slide_loss,
+)
 from pipeline.extraction import extract_all
 from pipeline.featuremap import MapLayout
 from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import load_extractor, load_unet, save_checkpoint
-from pipeline.params import Params, load_params
+from pipeline.params import E2EParams, Params, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
 from pipeline.segment import (
@@ -64,6 +84,7 @@ from pipeline.segment import (
     write_metrics,
     write_predictions,
 )
+from pipeline.trainstate import Progress, TrainState, fingerprint, select_weights, state_file
 
 log = get_logger("pipeline.e2e_finetune")
 STAGE = "e2e-finetune"
@@ -187,8 +208,8 @@ def step_plan(order: Sequence[int], world: int) -> list[list[int]]:
 
 
 def e2e_step(
-    extractor: nn.Module, unet: nn.Module, opt_fe: torch.optim.Optimizer,
-    opt_seg: torch.optim.Optimizer, job: SlideJob | None, chunk_size: int, *,
+    extractor: nn.Module, unet: nn.Module, opt_fe: StepOptimizer,
+    opt_seg: StepOptimizer, job: SlideJob | None, chunk_size: int, *,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backprop_fraction: float = 1.0, epoch: int = 0, step: int = 0,
 ) -> tuple[dict | None, float]:
@@ -218,25 +239,170 @@ def e2e_step(
     return out, n_slides
 
 
-def run(params: Params, paths: Paths) -> dict:
-    t0 = time.time()
+@dataclass
+class _Run:
+    """What the training loop of one e2e-finetune run works with."""
+
+    extractor: nn.Module
+    unet: nn.Module
+    opt_fe: StepOptimizer
+    opt_seg: StepOptimizer
+    reader: ChunkReader
+    maps: dict
+    train_ids: list[str]
+    augment: Callable[[torch.Tensor], torch.Tensor]
+    start: dict[str, dict[str, torch.Tensor]]  # trained parameters at the start, per model
+    rank: int
+    world: int
+    device: torch.device
+    val_jobs: list[SlideJob]  # this rank's val slides (select=best_val only)
+    val_reader: ChunkReader | None
+    crop_px: int
+
+
+def _fingerprint(params: Params, paths: Paths, slide_ids: Sequence[str]) -> str:
+    """What the training trajectory depends on: the params e2e reads (state_every_slides and
+    worker counts aside), the two starting checkpoints, the train (and, for best_val, val)
+    slides and their inputs."""
+    inputs = [(sid, paths.feature_file(sid), paths.tile_file(sid)) for sid in slide_ids]
+    return fingerprint(
+        params.section_hash("seed", "e2e", "featuremap", "tile", "label"),
+        params.extractor.crop_px, params.unet.depth,
+        paths.models / "extractor.pt", paths.models / "unet.pt", inputs)
+
+
+def _moved(r: _Run) -> dict[str, float]:
+    fe, seg = movement(r.extractor, r.start["fe"]), movement(r.unet, r.start["seg"])
+    return {"fe_moved_fraction": fe["moved_fraction"], "fe_rel_l2": fe["rel_l2"],
+            "seg_moved_fraction": seg["moved_fraction"], "seg_rel_l2": seg["rel_l2"]}
+
+
+def _gather(obj: Any, world: int) -> list:
+    """[obj of every rank] (a plain run: [obj])."""
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _save_due(step: int, world: int, every: int) -> bool:
+    """True when step `step` (0-based) of an epoch completes a multiple of `every` slides."""
+    return every > 0 and ((step + 1) * world) // every > (step * world) // every
+
+
+def _val_loss(r: _Run) -> float:
+    """Mean slide loss over the val slides with labelled tiles (all ranks), at inference."""
+    total, n = 0.0, 0
+    prepare = pixel_fn(r.crop_px, False)
+    for job in r.val_jobs:
+        loss, n_labelled = val_slide_loss(r.extractor, r.unet, job.chunks, job.layouts,
+                                          job.labels, prepare)
+        if n_labelled:
+            total, n = total + loss, n + 1
+    total, n = all_reduce_sum([total, n], r.device)
+    return total / n if n else float("nan")
+
+
+def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> list[tuple]:
+    """The epochs (from where `prog` stands): one e2e step per slide (per W slides under DDP),
+    the state saved every e2e.state_every_slides slides and after each epoch; with
+    select=best_val the val loss after each epoch. Returns the per-epoch rows (epoch, loss,
+    val loss, n_patches, n_reforwarded, *movement)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(prog.epoch):  # the orders of the epochs already done
+        rng.permutation(len(r.train_ids))
+    main = r.rank == 0
+    for epoch in range(prog.epoch, p.epochs):
+        order = rng.permutation(len(r.train_ids))  # the same on every rank
+        losses, n_pat, n_ref, first = [], 0, 0, 0
+        if prog.extra.get("order") is not None:  # resuming inside this epoch
+            order = prog.extra["order"].numpy()
+            first = int(prog.extra["next_step"])
+            losses, n_pat, n_ref = prog.extra["acc"][r.rank]
+            losses = list(losses)
+            log.info("resuming e2e epoch %d at step %d of %d", epoch, first,
+                     len(step_plan(order, r.world)))
+        plan = step_plan(order, r.world)
+        bar = progress(range(first, len(plan)), desc=f"e2e epoch {epoch + 1}/{p.epochs}",
+                       unit="step" if r.world > 1 else "slide", disable=not main)
+        for step in bar:
+            out = _one_step(r, p, plan[step], epoch, step, seed)
+            prog.step += 1
+            if out is not None and out["n_labelled"] > 0:
+                losses.append(out["loss"])
+                n_ref += out["n_reforwarded"]
+                n_pat += out["n_patches"]
+            if _save_due(step, r.world, p.state_every_slides) and step + 1 < len(plan):
+                prog.extra = {"order": torch.from_numpy(np.asarray(order, np.int64)),
+                              "next_step": step + 1,
+                              "acc": _gather((list(losses), n_pat, n_ref), r.world)}
+                ts.save(prog)
+        loss_sum, n_loss, n_pat, n_ref = all_reduce_sum(
+            [float(np.sum(losses)), len(losses), n_pat, n_ref], r.device)
+        if r.world == 1:  # the plain run's float arithmetic, unchanged
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+        else:
+            mean_loss = loss_sum / n_loss if n_loss else float("nan")
+        check_in_sync(r.extractor, r.unet, where=f"e2e-finetune epoch {epoch}")
+        moved = _moved(r)
+        val_loss = _val_loss(r) if p.select == "best_val" else float("nan")
+        prog.consider(val_loss, epoch, ts.models)  # NaN (select=last) is never the best
+        prog.rows.append((epoch, mean_loss, val_loss, int(n_pat), int(n_ref), *moved.values()))
+        log.info("e2e epoch %d: mean slide loss %.5f (val %.5f), %d patches forwarded, %d "
+                 "re-forwarded; moved: extractor %.4f of weights (rel L2 %.3g), U-Net %.4f "
+                 "(rel L2 %.3g)", epoch, mean_loss, val_loss, n_pat, n_ref, *moved.values())
+        prog.epoch, prog.extra = epoch + 1, {}
+        ts.save(prog)
+    return prog.rows
+
+
+def _one_step(r: _Run, p: E2EParams, slides: list[int], epoch: int, step: int,
+              seed: int) -> dict | None:
+    job = None
+    if r.rank < len(slides):
+        k = slides[r.rank]
+        m = r.maps[r.train_ids[k]]
+        job = SlideJob(r.reader.source(k), m.layouts, m.labels, step_seed(seed, epoch, k))
+    out, _ = e2e_step(r.extractor, r.unet, r.opt_fe, r.opt_seg, job, p.chunk_size,
+                      augment=r.augment, backprop_fraction=p.backprop_fraction,
+                      epoch=epoch, step=step)
+    return out
+
+
+def _val_jobs(params: Params, paths: Paths, manifest, rank: int,
+              world: int) -> tuple[list[SlideJob], ChunkReader | None]:
+    """This rank's share of the val slides (select=best_val), over their own reader."""
+    val_ids = shard(list(manifest.loc[manifest["split"] == "val", "slide_id"]), rank, world)
+    if not val_ids:
+        return [], None
+    caches = [paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
+              for sid in val_ids]
+    reader = ChunkReader([paths.tile_file(sid) for sid in val_ids], params.e2e.chunk_size,
+                         params.extractor.workers, caches)
+    jobs = []
+    for k, sid in enumerate(val_ids):
+        m = load_slide_maps(paths.feature_file(sid), sid, params)
+        jobs.append(SlideJob(reader.source(k), m.layouts, m.labels, 0))
+    return jobs, reader
+
+
+def _setup(params: Params, paths: Paths, rank: int, world: int,
+           device: torch.device) -> tuple[_Run, dict, dict]:
+    """Models (from the Separate Learning checkpoints), optimizers, train slides, reader."""
     p = params.e2e
-    rank, world, _ = init_if_needed()
-    main = rank == 0
-    seed_everything(params.seed)
-    device = pick_device()
     extractor, ext_meta = load_extractor(paths.models / "extractor.pt")
     unet, unet_meta = load_unet(paths.models / "unet.pt")
+    start = {"fe": snapshot(extractor), "seg": snapshot(unet)}
     extractor.to(device)
     unet.to(device).eval()
-    opt_fe = torch.optim.Adam(extractor.parameters(), lr=p.lr_fe)
-    opt_seg = torch.optim.Adam(unet.parameters(), lr=p.lr_seg)
+    opt_fe = make_optimizer(extractor, p.lr_fe, p.master_dtype)
+    opt_seg = make_optimizer(unet, p.lr_seg, p.master_dtype)
     manifest = load_manifest(params.data.manifest)
     train_ids = list(manifest.loc[manifest["split"] == "train", "slide_id"])
     if not train_ids:
         raise TrainingError(f"{params.data.manifest}: no train slides for e2e-finetune")
     maps = {sid: load_slide_maps(paths.feature_file(sid), sid, params) for sid in train_ids}
-    augment = pixel_fn(params.extractor.crop_px, p.augment)
     if p.backprop_fraction < 1:
         log.warning("e2e.backprop_fraction=%.3f: the extractor gradient is an unbiased "
                     "APPROXIMATION (a random subset of patches is re-forwarded)",
@@ -248,42 +414,37 @@ def run(params: Params, paths: Paths) -> dict:
               for sid in train_ids]
     reader = ChunkReader([paths.tile_file(sid) for sid in train_ids], p.chunk_size,
                          params.extractor.workers, caches)
-    rows = []
-    rng = np.random.default_rng(params.seed)
-    for epoch in range(p.epochs):
-        order = rng.permutation(len(train_ids))  # the same on every rank
-        losses, n_ref, n_pat = [], 0, 0
-        plan = step_plan(order, world)
-        for step, slides in enumerate(progress(plan, desc=f"e2e epoch {epoch + 1}/{p.epochs}",
-                                               unit="step" if world > 1 else "slide",
-                                               disable=not main)):
-            job = None
-            if rank < len(slides):
-                k = slides[rank]
-                sid = train_ids[k]
-                m = maps[sid]
-                job = SlideJob(reader.source(k), m.layouts, m.labels,
-                               step_seed(params.seed, epoch, k))
-            out, _ = e2e_step(extractor, unet, opt_fe, opt_seg, job, p.chunk_size,
-                              augment=augment, backprop_fraction=p.backprop_fraction,
-                              epoch=epoch, step=step)
-            if out is None or out["n_labelled"] == 0:
-                continue
-            losses.append(out["loss"])
-            n_ref += out["n_reforwarded"]
-            n_pat += out["n_patches"]
-        loss_sum, n_loss, n_pat, n_ref = all_reduce_sum(
-            [float(np.sum(losses)), len(losses), n_pat, n_ref], device)
-        if world == 1:  # the plain run's float arithmetic, unchanged
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-        else:
-            mean_loss = loss_sum / n_loss if n_loss else float("nan")
-        rows.append((epoch, mean_loss, int(n_pat), int(n_ref)))
-        check_in_sync(extractor, unet, where=f"e2e-finetune epoch {epoch}")
-        log.info("e2e epoch %d: mean slide loss %.5f, %d patches forwarded, %d re-forwarded",
-                 epoch, rows[-1][1], n_pat, n_ref)
+    val_jobs, val_reader = (_val_jobs(params, paths, manifest, rank, world)
+                            if p.select == "best_val" else ([], None))
+    r = _Run(extractor, unet, opt_fe, opt_seg, reader, maps, train_ids,
+             pixel_fn(params.extractor.crop_px, p.augment), start, rank, world, device,
+             val_jobs, val_reader, params.extractor.crop_px)
+    return r, ext_meta, unet_meta
 
-    reader.close()  # its workers would otherwise idle through the feature extraction below
+
+def run(params: Params, paths: Paths) -> dict:
+    t0 = time.time()
+    p = params.e2e
+    rank, world, _ = init_if_needed()
+    main = rank == 0
+    seed_everything(params.seed)
+    device = pick_device()
+    r, ext_meta, unet_meta = _setup(params, paths, rank, world, device)
+    manifest = load_manifest(params.data.manifest)
+    val_ids = (list(manifest.loc[manifest["split"] == "val", "slide_id"])
+               if p.select == "best_val" else [])  # every rank's: one fingerprint
+    ts = TrainState(state_file(paths, STAGE), _fingerprint(params, paths, r.train_ids + val_ids),
+                    models={"extractor": r.extractor, "unet": r.unet},
+                    optimizers={"fe": r.opt_fe, "seg": r.opt_seg},
+                    keep_best=p.select == "best_val")
+    prog = ts.resume(device)
+    rows = _train(r, p, params.seed, ts, prog)
+    selected = select_weights(prog, p.select, ts.models) if rows else -1
+    r.reader.close()  # its workers would otherwise idle through the feature extraction below
+    if r.val_reader is not None:
+        r.val_reader.close()
+    moved = _moved(r)  # of the weights written below (the selected epoch's)
+    extractor, unet = r.extractor, r.unet
     ext_ckpt, unet_ckpt = paths.models / "e2e_extractor.pt", paths.models / "e2e_unet.pt"
     if main:
         extra = {"world_size": world} if world > 1 else {}
@@ -304,25 +465,45 @@ def run(params: Params, paths: Paths) -> dict:
                           params.section_hash("featuremap", "unet", "e2e"), sha)
         del ms, prob
     barrier()
-    metrics = {
-        "train_loss_first_epoch": rows[0][1] if rows else float("nan"),
-        "train_loss_last_epoch": rows[-1][1] if rows else float("nan"),
-        "epochs": p.epochs, "lr_fe": p.lr_fe, "lr_seg": p.lr_seg,
-        "n_train_slides": len(train_ids),
-    }
-    if world > 1:
-        metrics["world_size"] = world
+    metrics = _metrics(rows, p, len(r.train_ids), world, selected, moved)
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"seconds": round(time.time() - t0, 3),
                "feature_extraction_seconds": feat_summary["seconds"]}
     if main:
-        write_curves(paths.reports / "e2e.csv", rows, "epoch,train_loss,n_patches,n_reforwarded")
+        write_curves(paths.reports / "e2e.csv", rows, CSV_HEADER)
         write_metrics(paths.reports / "e2e.json", metrics)
         write_timings(paths, STAGE, **timings)
         log.info("wrote %s, %s, data/features_e2e, data/predictions/e2e, reports/e2e.{json,csv} "
                  "in %.1f s", ext_ckpt, unet_ckpt, timings["seconds"])
     barrier()
+    ts.discard()  # every output is written: a rerun starts from scratch
     return {**metrics, **timings}
+
+
+CSV_HEADER = ("epoch,train_loss,val_loss,n_patches,n_reforwarded,fe_moved_fraction,fe_rel_l2,"
+              "seg_moved_fraction,seg_rel_l2")
+MOVED_KEYS = ("fe_moved_fraction", "fe_rel_l2", "seg_moved_fraction", "seg_rel_l2")
+
+
+def _metrics(rows: list[tuple], p: E2EParams, n_train: int, world: int, selected: int,
+             moved: dict[str, float]) -> dict:
+    """reports/e2e.json: losses, the selected epoch, and how far each model moved from its
+    starting checkpoint (fraction of trained parameter elements that differ; relative L2 of
+    the change): of the written weights (top level, for `dvc exp show`) and per epoch."""
+    nan = float("nan")
+    metrics = {
+        "train_loss_first_epoch": rows[0][1] if rows else nan,
+        "train_loss_last_epoch": rows[-1][1] if rows else nan,
+        "epochs": p.epochs, "lr_fe": p.lr_fe, "lr_seg": p.lr_seg,
+        "n_train_slides": n_train, "selected_epoch": selected, **moved,
+        "moved_per_epoch": {str(row[0]): dict(zip(MOVED_KEYS, row[5:], strict=True))
+                            for row in rows},
+    }
+    if p.select == "best_val":
+        metrics["val_loss"] = rows[selected][2] if rows else nan
+    if world > 1:
+        metrics["world_size"] = world
+    return metrics
 
 
 def _keep(meta: dict) -> dict:
