@@ -36,7 +36,13 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torchvision.transforms import v2
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
+from pipeline.augment import (
+    IMAGENET_PREPROCESS,
+    INTERPOLATIONS,
+    Preprocess,
+    color_transform,
+    geometric_transform,
+)
 from pipeline.data import DataError, SlidePatchDataset, loader_kwargs, slide_loader
 from pipeline.distributed import (
     all_reduce_mean_grads,
@@ -69,12 +75,14 @@ log = get_logger("pipeline.e2e_finetune")
 STAGE = "e2e-finetune"
 
 
-def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, 3, S, S) float pixels in 0..255 -> normalised model input. augment=False: centre crop
-    (as at inference); True: the paper's train augmentation, drawn per patch from torch's RNG
-    (e2e replays that RNG per chunk, so both passes see the same pixels)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def pixel_fn(crop_px: int, augment: bool, prep: Preprocess = IMAGENET_PREPROCESS,
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, S, S) float pixels in 0..255 -> model input as the extractor expects it (`prep`:
+    its mean/std, and resize for a fixed-size encoder). augment=False: centre crop (as at
+    inference); True: the paper's train augmentation, drawn per patch from torch's RNG (e2e
+    replays that RNG per chunk, so both passes see the same pixels)."""
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
     geo, col = geometric_transform(crop_px), color_transform()
 
     def fn(px: torch.Tensor) -> torch.Tensor:
@@ -83,6 +91,9 @@ def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tens
             px = torch.stack([col(geo(p)) for p in px])
         else:
             px = v2.functional.center_crop(px, [crop_px, crop_px])
+        if prep.input_px is not None:
+            px = v2.functional.resize(px, [prep.input_px, prep.input_px], antialias=True,
+                                      interpolation=INTERPOLATIONS[prep.interpolation])
         return (px - mean.to(px)) / std.to(px)
 
     return fn
@@ -236,7 +247,7 @@ def run(params: Params, paths: Paths) -> dict:
     if not train_ids:
         raise TrainingError(f"{params.data.manifest}: no train slides for e2e-finetune")
     maps = {sid: load_slide_maps(paths.feature_file(sid), sid, params) for sid in train_ids}
-    augment = pixel_fn(params.extractor.crop_px, p.augment)
+    augment = pixel_fn(params.extractor.crop_px, p.augment, extractor.preprocess)
     if p.backprop_fraction < 1:
         log.warning("e2e.backprop_fraction=%.3f: the extractor gradient is an unbiased "
                     "APPROXIMATION (a random subset of patches is re-forwarded)",
