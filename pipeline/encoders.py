@@ -174,8 +174,9 @@ def torchvision_preprocess(arch: str) -> Preprocess:
 
 
 def _timm_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """params -> create_model kwargs: a string naming a timm layer class for a `*_layer` key
-    (e.g. mlp_layer: SwiGLUPacked) becomes that class; timm resolves act names itself."""
+    """params -> create_model kwargs. YAML holds no classes, so a string for a `*_layer` key
+    becomes the layer: act_layer through timm's get_act_layer ("silu", "gelu"), others the
+    class of that name in timm.layers or torch.nn (mlp_layer: SwiGLUPacked)."""
     import timm.layers
 
     bad = [k for k in RESERVED_TIMM_KWARGS if k in kwargs]
@@ -184,9 +185,13 @@ def _timm_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
                          "from extractor.pretrained); remove it")
     out = dict(kwargs)
     for k, v in kwargs.items():
-        if k.endswith("_layer") and isinstance(v, str) and isinstance(
-                getattr(timm.layers, v, None), type):
-            out[k] = getattr(timm.layers, v)
+        if not (k.endswith("_layer") and isinstance(v, str)):
+            continue
+        layer = timm.layers.get_act_layer(v) if k == "act_layer" else None
+        layer = layer or getattr(timm.layers, v, None) or getattr(nn, v, None)
+        if not isinstance(layer, type) and not callable(layer):
+            raise ModelError(f"extractor.timm_kwargs.{k}: {v!r} names no timm / torch layer")
+        out[k] = layer
     return out
 
 
