@@ -72,6 +72,11 @@ class Preprocess:
 IMAGENET_PREPROCESS = Preprocess()
 
 
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for a timm interpolation name (bilinear for names it lacks)."""
+    return INTERPOLATIONS.get(name, v2.InterpolationMode.BILINEAR)
+
+
 class RandomRot90(v2.Transform):
     """Rotate by k*90 degrees, k uniform in {0, 1, 2, 3} (exact: no interpolation)."""
 
@@ -140,8 +145,7 @@ def normalize_only(prep: Preprocess = IMAGENET_PREPROCESS) -> v2.Compose:
     steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
     if prep.input_px is not None:
         steps.append(v2.Resize([prep.input_px, prep.input_px],
-                               interpolation=INTERPOLATIONS.get(prep.interpolation,
-                                                                v2.InterpolationMode.BILINEAR),
+                               interpolation=interpolation_mode(prep.interpolation),
                                antialias=True))
     steps.append(v2.Normalize(mean=list(prep.mean), std=list(prep.std)))
     return v2.Compose(steps)

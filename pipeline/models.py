@@ -186,7 +186,7 @@ def build_extractor(
         return model
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: not a state_dict or checkpoint (got {type(obj).__name__})")
-    if any(k.startswith(("backbone.", "feature.", "head.")) for k in obj) and not is_timm(arch):
+    if any(k.startswith("backbone.") for k in obj):  # a whole PatchClassifier's state dict
         _load_strict(model, obj, path)
     else:
         load_encoder_state(model.backbone, arch, obj, path)

@@ -231,3 +231,17 @@ def test_named_layer_kwargs_resolve_to_timm_classes():
                                              "act_layer": "silu", "mlp_ratio": 5.3375})
     mlp = m.backbone.blocks[0].mlp  # timm's SwiGLUPacked is a GluMlp partial
     assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.act, torch.nn.SiLU)
+
+
+def test_e2e_pixels_follow_the_encoders_preprocessing():
+    """e2e-finetune's batched pixel path gives what extraction's eval_transform gives: the
+    encoder's crop, resize and mean/std (not a global ImageNet normalisation)."""
+    from pipeline.stages.e2e_finetune import pixel_fn
+
+    prep = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), input_px=32,
+                      interpolation="bicubic")
+    px = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    got = pixel_fn(40, False, prep)(px.float())
+    want = torch.stack([eval_transform(40, prep)(p) for p in px])
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -38,10 +38,10 @@ from torchvision.transforms import v2
 
 from pipeline.augment import (
     IMAGENET_PREPROCESS,
-    INTERPOLATIONS,
     Preprocess,
     color_transform,
     geometric_transform,
+    interpolation_mode,
 )
 from pipeline.data import DataError, SlidePatchDataset, loader_kwargs, slide_loader
 from pipeline.distributed import (
@@ -93,7 +93,7 @@ def pixel_fn(crop_px: int, augment: bool, prep: Preprocess = IMAGENET_PREPROCESS
             px = v2.functional.center_crop(px, [crop_px, crop_px])
         if prep.input_px is not None:
             px = v2.functional.resize(px, [prep.input_px, prep.input_px], antialias=True,
-                                      interpolation=INTERPOLATIONS[prep.interpolation])
+                                      interpolation=interpolation_mode(prep.interpolation))
         return (px - mean.to(px)) / std.to(px)
 
     return fn
