@@ -21,11 +21,16 @@ on CPU cores the model does not use (on a GPU machine), not when both share two 
 Prints a table and writes reports/bench/extraction.json.
 
     .venv/bin/python benchmarks/extraction.py [--repeats 3] [--workers 0,2] [--source .]
+    .venv/bin/python benchmarks/extraction.py --arch timm:vit_base_patch16_224 \
+        --timm-kwargs '{"dynamic_img_size": true}'   # a foundation-model-sized encoder
+(random init: throughput does not depend on the weights; the input is the encoder's own size,
+`PatchClassifier.preprocess.input_px`, e.g. 224 for a ViT).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -73,7 +78,7 @@ def _add_copies(manifest_csv: Path, copies: int) -> None:
 
 def _demo_project(root: Path, arch: str | None = None, tile_workers: int = 2,
                   n_patients: int = 2, copies: int = 1,
-                  slide_mm: float = 5.0) -> tuple[Params, Paths]:
+                  slide_mm: float = 5.0, timm_kwargs: dict | None = None) -> tuple[Params, Paths]:
     """A demo-like project (5 slides of `slide_mm` per patient at 1 um/px, 256 px tiles; each
     slide listed `copies` times), random extractor of `arch` (default: the params' arch)."""
     from pipeline.stages import demo_data, label, tile
@@ -84,7 +89,7 @@ def _demo_project(root: Path, arch: str | None = None, tile_workers: int = 2,
     raw["data"]["manifest"] = str(root / "data" / "demo" / "manifest.csv")
     raw["tile"].update(workers=tile_workers)
     if arch:
-        raw["extractor"].update(arch=arch)
+        raw["extractor"].update(arch=arch, timm_kwargs=timm_kwargs or {})
     params = Params.model_validate(raw)
     paths = Paths(root)
     demo_data.run(params, paths)
@@ -93,7 +98,8 @@ def _demo_project(root: Path, arch: str | None = None, tile_workers: int = 2,
     tile.run(params, paths)
     label.run(params, paths)
     torch.manual_seed(0)
-    model = build_extractor(params.extractor.arch, params.extractor.feature_dim)
+    model = build_extractor(params.extractor.arch, params.extractor.feature_dim,
+                            timm_kwargs=params.extractor.timm_kwargs)
     # the meta train-extractor writes, which extract-features checks against the params
     save_checkpoint(paths.models / "extractor.pt", model,
                     {"params_json": params.section_json("seed", "extractor", "tile")})
@@ -132,12 +138,12 @@ def _end_to_end(params: Params, paths: Paths) -> tuple[float, int]:
 
 
 def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
-    """Seconds to stream every slide's batches (uint8 crops -> device -> normalised) with the
-    stage's loader and no model."""
+    """Seconds to stream every slide's batches (uint8 crops -> device -> the encoder's
+    preprocessing: resize to its input size, normalise) with the stage's loader and no model."""
     from pipeline.augment import normalize_only
 
     sids = list(load_manifest(params.data.manifest)["slide_id"])
-    norm = normalize_only()
+    norm = normalize_only(load_extractor(paths.models / "extractor.pt")[0].preprocess)
     t0 = time.perf_counter()
     loader = extract_features.slides_loader([paths.tile_file(s) for s in sids],
                                             params.extractor.crop_px, params.extractor.workers,
@@ -175,7 +181,8 @@ def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device,
     model, _ = load_extractor(ckpt)
     fmt = memory_format(device)
     model.to(device).eval().to(memory_format=fmt)
-    x = torch.randn(extract_features.BATCH_SIZE, 3, crop_px, crop_px, device=device)
+    side = model.preprocess.input_px or crop_px  # a fixed-size encoder's (ViT) own input
+    x = torch.randn(extract_features.BATCH_SIZE, 3, side, side, device=device)
     x = x.contiguous(memory_format=fmt)
     with autocast(device, amp):
         for _ in range(3):  # warm-up: allocator, oneDNN primitive cache, cuDNN autotune
@@ -199,7 +206,10 @@ def main() -> None:
                     help="use this project (data/tiles, data/labels, models/extractor.pt, "
                     "params.yaml) instead of building a demo-like one")
     ap.add_argument("--out", type=Path, default=Path("reports/bench/extraction.json"))
-    ap.add_argument("--arch", default=None, help="extractor arch (default: the params' arch)")
+    ap.add_argument("--arch", default=None, help="extractor arch (default: the params' arch), "
+                    "e.g. timm:vit_tiny_patch16_224")
+    ap.add_argument("--timm-kwargs", default="{}", type=json.loads,
+                    help="JSON dict of timm.create_model kwargs for a timm: arch")
     ap.add_argument("--tile-workers", type=int, default=2, help="processes to tile the project")
     ap.add_argument("--patients", type=int, default=2, help="demo patients (5 slides each)")
     ap.add_argument("--slide-mm", type=float, default=5.0,
@@ -223,12 +233,13 @@ def main() -> None:
         have_source = src is not None
         params, paths = (_linked_project(src, root) if have_source
                          else _demo_project(root, args.arch, args.tile_workers, args.patients,
-                                           args.copies, args.slide_mm))
+                                           args.copies, args.slide_mm, args.timm_kwargs))
         manifest = load_manifest(params.data.manifest)
         n_tiles = sum(read_tile_index(paths.tile_file(s)).n for s in manifest["slide_id"])
         workers_list = ([int(w) for w in args.workers.split(",")] if args.workers
                         else [params.extractor.workers])
         ckpt = paths.models / "extractor.pt"
+        input_px = load_extractor(ckpt)[0].preprocess.input_px
         rows = []
         model_rates: dict[int, float] = {}
         default_batch = extract_features.BATCH_SIZE
@@ -273,6 +284,8 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads()},
         "project": "source " + str(src.resolve()) if have_source else "built demo-like project",
         "n_slides": len(manifest), "n_tiles": n_tiles, "arch": params.extractor.arch,
+        "timm_kwargs": params.extractor.timm_kwargs,
+        "model_input_px": input_px or params.extractor.crop_px,
         "crop_px": params.extractor.crop_px, "stage_batch_size": default_batch,
         "amp": params.extractor.amp, "repeats": args.repeats,
         "model_only": {str(b): r for b, r in model_rates.items()},
@@ -281,8 +294,8 @@ def main() -> None:
     }
     write_json_atomic(args.out, result)
     print(f"\n{len(manifest)} slides, {n_tiles} tiles, {params.extractor.arch} crop "
-          f"{params.extractor.crop_px}, device {device}, {torch.get_num_threads()} torch "
-          f"threads, median of {args.repeats}")
+          f"{params.extractor.crop_px} (model input {input_px or params.extractor.crop_px} px), "
+          f"device {device}, {torch.get_num_threads()} torch threads, median of {args.repeats}")
     print(f"{'path':<44}{'patches/s':>12}{'% of model':>12}")
     for bs, model_rate in model_rates.items():
         print(f"{f'model only, batch {bs}':<44}{model_rate:>12.0f}{100.0:>11.0f}%")

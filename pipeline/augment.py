@@ -1,8 +1,11 @@
 """Patch transforms: the paper's training augmentation, the evaluation crop, normalisation.
 
 Every transform takes one CHW uint8 tensor (the dataset's output) and returns a float32 CHW
-tensor normalised with the ImageNet mean/std (the statistics pretrained GoogLeNet/ResNet expect;
-used for `pretrained: none` too so that switching the init changes nothing else).
+tensor prepared the way the model's encoder expects (`Preprocess`: mean/std and, for encoders
+with a fixed input size such as timm ViTs, a resize of the crop to that size). The default is
+torchvision's ImageNet preprocessing (the mean/std of GoogLeNet/ResNet's ImageNet weights; used
+for `pretrained: none` too so that switching the init changes nothing else). Each extractor
+carries its own (`PatchClassifier.preprocess`, recorded in its checkpoint).
 
 Randomness comes only from torch's global RNG (never python `random` or numpy), so
 `torch.manual_seed(s)` before a call reproduces it exactly: e2e applies the train transform per
@@ -16,7 +19,8 @@ sharpness factors each uniform in [0.75, 1.25].
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -30,6 +34,47 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_RANGE = (0.75, 1.25)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+RGB = tuple[float, float, float]
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR,
+                  "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an encoder expects of its input: per-channel mean/std for pixels in [0, 1] and,
+    when `input_px` is set, the side the (crop_px) crop is resized to with `interpolation`
+    (antialiased; a crop already of that size is left untouched). `source` says where the
+    values come from (torchvision weights' transforms(), timm's pretrained config)."""
+
+    mean: RGB = IMAGENET_MEAN
+    std: RGB = IMAGENET_STD
+    input_px: int | None = None
+    interpolation: str = "bilinear"
+    source: str = "torchvision ImageNet"
+
+    def to_meta(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any] | None) -> Preprocess:
+        """From `to_meta()`'s dict; None (a checkpoint from before preprocessing was recorded):
+        the ImageNet default every such checkpoint was trained with."""
+        if not meta:
+            return cls()
+        return cls(mean=tuple(float(v) for v in meta["mean"]),
+                   std=tuple(float(v) for v in meta["std"]),
+                   input_px=None if meta.get("input_px") is None else int(meta["input_px"]),
+                   interpolation=str(meta.get("interpolation", "bilinear")),
+                   source=str(meta.get("source", "")))
+
+
+IMAGENET_PREPROCESS = Preprocess()
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for a timm interpolation name (bilinear for names it lacks)."""
+    return INTERPOLATIONS.get(name, v2.InterpolationMode.BILINEAR)
 
 
 class RandomRot90(v2.Transform):
@@ -94,24 +139,28 @@ def color_transform(factor_range: tuple[float, float] = COLOR_RANGE) -> v2.Compo
     ])
 
 
-def normalize_only() -> v2.Compose:
-    """uint8 CHW -> float32 in [0, 1] -> ImageNet-normalised. For full (uncropped) patches."""
-    return v2.Compose([
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ])
+def normalize_only(prep: Preprocess = IMAGENET_PREPROCESS) -> v2.Compose:
+    """uint8 CHW (or a BCHW batch) -> float32 in [0, 1] -> resized to prep.input_px (when
+    set) -> normalised with prep's mean/std. For patches already cropped."""
+    steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]
+    if prep.input_px is not None:
+        steps.append(v2.Resize([prep.input_px, prep.input_px],
+                               interpolation=interpolation_mode(prep.interpolation),
+                               antialias=True))
+    steps.append(v2.Normalize(mean=list(prep.mean), std=list(prep.std)))
+    return v2.Compose(steps)
 
 
-def train_transform(crop_px: int) -> v2.Compose:
-    """The paper's training augmentation (crop, rot90, flip, colour, sharpness) + normalise.
-    Geometry first so the colour ops run on the smaller crop."""
-    return v2.Compose([geometric_transform(crop_px), color_transform(), normalize_only()])
+def train_transform(crop_px: int, prep: Preprocess = IMAGENET_PREPROCESS) -> v2.Compose:
+    """The paper's training augmentation (crop, rot90, flip, colour, sharpness) + the encoder's
+    preprocessing. Geometry first so the colour ops run on the smaller crop."""
+    return v2.Compose([geometric_transform(crop_px), color_transform(), normalize_only(prep)])
 
 
-def eval_transform(crop_px: int) -> v2.Compose:
+def eval_transform(crop_px: int, prep: Preprocess = IMAGENET_PREPROCESS) -> v2.Compose:
     """Deterministic centre crop to crop_px + normalise, for validation, feature extraction and
     prediction. Why crop instead of feeding the full tile: the model is trained on crop_px
     inputs; GoogLeNet's global-pooled head accepts any size, but its BatchNorm statistics and the
     zero-padding border effects of its receptive fields are matched best at the trained size.
     The centre crop keeps the tile's centre where it lies on the tile grid."""
-    return v2.Compose([v2.CenterCrop(crop_px), normalize_only()])
+    return v2.Compose([v2.CenterCrop(crop_px), normalize_only(prep)])

@@ -23,6 +23,7 @@ STAGES = {
     "demo-data": "demo_data",
     "tile": "tile",
     "label": "label",
+    "fetch-weights": "fetch_weights",
     "train-extractor": "train_extractor",
     "extract-features": "extract_features",
     "train-unet": "train_unet",

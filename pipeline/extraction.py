@@ -168,7 +168,7 @@ def infer_slides(
     batch_size = BATCH_SIZE
     loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files, batch_size)
     sizes = [len(d) for d in loader.dataset.datasets]
-    norm = normalize_only()
+    norm = normalize_only(model.preprocess)  # the encoder's own mean/std (and input size)
     batches = iter(loader)
 
     def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
@@ -271,6 +271,8 @@ def _write_features(
         f.attrs["extractor_sha256"] = extractor_sha256
         f.attrs["extractor_arch"] = getattr(model, "arch", "")
         f.attrs["feature_dim"] = int(feats.shape[1])
+        if isinstance(model, PatchClassifier):  # the encoder and its preprocessing, by name
+            f.attrs["encoder_json"] = json.dumps(model.encoder_meta(), sort_keys=True)
         f.attrs["tile_params_json"] = params.section_json("tile")
         f.attrs["slide_id"] = slide_id
         f.attrs["inputs_sha256"] = inputs_sha256_value

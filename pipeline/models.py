@@ -1,12 +1,15 @@
 """Patch classifier (the paper's feature extractor) and model checkpoints.
 
-A `PatchClassifier` is backbone -> Linear(backbone_dim, feature_dim) -> Linear(feature_dim, 2).
+A `PatchClassifier` is encoder -> Linear(encoder_dim, feature_dim) -> Linear(feature_dim, 2).
 The middle Linear's output is the paper's f_{n-1} (the 16-d patch feature, `.features(x)`); the
 last Linear is f_n (tumor/normal logits, `forward(x)`), used only when training the extractor on
-its own; End-to-End learning drops it (§3.2.2).
+its own; End-to-End learning drops it (§3.2.2). `feature_dim="native"`: no middle Linear, the
+encoder's own D-dim output is the feature (a fixed per-channel affine map stands in its place,
+identity unless the frozen baseline folds a standardisation into it).
 
-Weights are never downloaded: `pretrained="imagenet"` reads torchvision's file from the local
-torch hub cache and fails with the exact path and URL when it is not there.
+The encoders (small_cnn, torchvision googlenet/resnet18, timm:<model>), their pretrained
+weights and preprocessing live in pipeline/encoders.py. Every extractor carries its
+`preprocess` (mean/std, input size) and the checkpoint records it under meta["encoder"].
 
 Checkpoints are `{"state_dict": ..., "meta": {...}}` written atomically; `meta` holds what is
 needed to rebuild the architecture (kind, arch, feature_dim / U-Net shape) plus whatever the
@@ -23,41 +26,75 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_PREPROCESS, IMAGENET_STD, Preprocess
+from pipeline.encoders import (
+    ARCHS,
+    ModelError,
+    build_encoder,
+    check_arch,
+    frozen_prefix,
+    is_timm,
+    load_encoder_state,
+    load_torchvision_imagenet,
+    read_weights,
+    source_file,
+    torchvision_weights,
+    tracked_file,
+)
+from pipeline.encoders import state_dict_mismatch as _state_dict_mismatch
+from pipeline.encoders import torch_load as _torch_load
 from pipeline.io import atomic_path
 from pipeline.unet import UNet
 
-ARCHS = ("googlenet", "resnet18", "small_cnn")
+__all__ = ["ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "ModelError", "NATIVE", "PatchClassifier",
+           "build_extractor", "load_extractor", "load_unet", "save_checkpoint"]
+
 N_CLASSES = 2
-# ImageNet channel statistics (torchvision's); the data module normalises patches with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+NATIVE = "native"  # extractor.feature_dim: the encoder's own output width, no feature Linear
 KIND_EXTRACTOR = "extractor"
 KIND_UNET = "unet"
-
-
-class ModelError(PipelineError):
-    """A model or checkpoint cannot be built/loaded; the message names the file and the cause."""
-
 
 RGB = tuple[float, float, float]
 
 
 def extractor_input_normalization() -> tuple[RGB, RGB]:
-    """(mean, std) per RGB channel for pixels scaled to [0, 1], as every extractor expects."""
+    """(mean, std) per RGB channel for pixels in [0, 1] of the ImageNet default preprocessing
+    (small_cnn, torchvision archs; timm encoders carry their own: `PatchClassifier.preprocess`)."""
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-class PatchClassifier(nn.Module):
-    """backbone -> feature Linear (f_{n-1}) -> head Linear (f_n, 2 logits)."""
+class ChannelAffine(nn.Module):
+    """x * scale + shift per channel with fixed buffers (never trained): the identity, unless
+    the frozen baseline folds its feature standardisation into it."""
 
-    def __init__(self, backbone: nn.Module, backbone_dim: int, feature_dim: int, arch: str):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("shift", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class PatchClassifier(nn.Module):
+    """backbone (encoder) -> feature Linear (f_{n-1}) -> head Linear (f_n, 2 logits)."""
+
+    def __init__(self, backbone: nn.Module, backbone_dim: int, feature_dim: int | None,
+                 arch: str, preprocess: Preprocess = IMAGENET_PREPROCESS,
+                 timm_kwargs: Mapping[str, Any] | None = None):
         super().__init__()
         self.arch = arch
-        self.feature_dim = feature_dim
+        self.native = feature_dim is None
+        self.feature_dim = backbone_dim if feature_dim is None else int(feature_dim)
+        self.backbone_dim = backbone_dim
         self.backbone = backbone
-        self.feature = nn.Linear(backbone_dim, feature_dim)
-        self.head = nn.Linear(feature_dim, N_CLASSES)
+        self.feature = (ChannelAffine(backbone_dim) if feature_dim is None
+                        else nn.Linear(backbone_dim, self.feature_dim))
+        self.head = nn.Linear(self.feature_dim, N_CLASSES)
+        self.preprocess = preprocess
+        self.timm_kwargs = dict(timm_kwargs or {})
+        self.trainable_blocks: int | None = None  # None: the whole encoder trains
+        self._frozen: list[nn.Module] = []  # a plain list: not registered as submodules
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, feature_dim) patch features (f_{n-1})."""
@@ -67,139 +104,93 @@ class PatchClassifier(nn.Module):
         """(B, 3, H, W) -> (B, 2) tumor/normal logits (f_n applied to the features)."""
         return self.head(self.features(x))
 
+    def train(self, mode: bool = True) -> PatchClassifier:
+        super().train(mode)
+        for m in self._frozen:  # frozen encoder parts: fixed BN statistics, no dropout
+            m.training = False
+        return self
 
-def _small_cnn() -> tuple[nn.Module, int]:
-    def block(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2 if kernel % 2 else 0,
-                      bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
+    def set_trainable_blocks(self, k: int | str | None) -> None:
+        """Which encoder parameters train: None / "all" every one (full finetune), 0 none
+        (frozen encoder: only the feature/head Linears train), k the last k blocks (and the
+        final norms after them). Frozen parts get requires_grad=False and stay in eval mode."""
+        for q in self.backbone.parameters():
+            q.requires_grad_(True)
+        self._frozen = []
+        self.trainable_blocks = None if k in (None, "all") else int(k)
+        if self.trainable_blocks is not None:
+            self._frozen = frozen_prefix(self.backbone, self.trainable_blocks)
+            for m in self._frozen:
+                for q in m.parameters(recurse=False):
+                    q.requires_grad_(False)
+        self.train(self.training)
 
-    # A 4x4/4 "patchify" stem, then stride 2: a 224 px patch is 14 px after three blocks, which
-    # keeps forward+backward of a CPU batch of 64 well under a second (no 112 px activations).
-    layers = [
-        *block(3, 16, 4, 4),
-        *block(16, 32, 3, 2),
-        *block(32, 64, 3, 2),
-        *block(64, 64, 3, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-    ]
-    return nn.Sequential(*layers), 64
-
-
-def _torchvision_backbone(arch: str) -> tuple[nn.Module, int]:
-    import torchvision
-
-    if arch == "googlenet":
-        # transform_input=True: torchvision's ImageNet GoogLeNet weights (ported from TF) expect
-        # it (torchvision turns it on whenever weights are given); it is a fixed per-channel
-        # affine map, harmless for random init, and one setting keeps checkpoints
-        # interchangeable whatever the init was.
-        net = torchvision.models.googlenet(
-            weights=None, aux_logits=False, init_weights=True, transform_input=True
-        )
-        dim = net.fc.in_features  # 1024; torchvision's dropout before fc is kept
-    elif arch == "resnet18":
-        net = torchvision.models.resnet18(weights=None)
-        dim = net.fc.in_features  # 512
-    else:
-        raise ValueError(arch)
-    net.fc = nn.Identity()
-    return net, dim
+    def encoder_meta(self) -> dict[str, Any]:
+        """What a checkpoint records about the encoder (meta["encoder"])."""
+        return {"feature_head": NATIVE if self.native else "linear",
+                "backbone_dim": self.backbone_dim, "timm_kwargs": self.timm_kwargs,
+                "trainable_blocks": self.trainable_blocks,
+                "preprocess": self.preprocess.to_meta()}
 
 
 def imagenet_weights_file(arch: str) -> tuple[Path, str]:
-    """(expected local path in the torch hub cache, download URL) of torchvision's ImageNet
-    weights for `arch`. The file name is taken from torchvision's weights enum."""
-    import torchvision
-
-    enums = {
-        "googlenet": torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1,
-        "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    }
-    if arch not in enums:
-        raise ModelError(f"extractor.pretrained=imagenet: no ImageNet weights for arch {arch!r}")
-    url = enums[arch].url
+    """(path in the torch hub cache, download URL) of torchvision's ImageNet weights for
+    `arch`; the file name is taken from torchvision's weights enum."""
+    url = torchvision_weights(arch).url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
 
 
-def build_extractor(arch: str, feature_dim: int = 16, pretrained: str = "none") -> PatchClassifier:
+def build_extractor(
+    arch: str, feature_dim: int | str = 16, pretrained: str = "none", *,
+    timm_kwargs: Mapping[str, Any] | None = None, weights_dir: Path | None = None,
+) -> PatchClassifier:
     """Build the patch classifier.
 
-    pretrained: "none" (random init), "imagenet" (torchvision's ImageNet backbone weights from
-    the local torch hub cache; the two new Linear layers stay random), or a path to a checkpoint
-    written by `save_checkpoint` or a plain state_dict (of the whole model, or of the
-    torchvision backbone). Nothing is ever downloaded.
+    arch: small_cnn | googlenet | resnet18 | timm:<model_name> (built with `timm_kwargs`).
+    feature_dim: width of the feature Linear, or "native" (the encoder's own output).
+    pretrained: "none" (random init), "imagenet" (torchvision's ImageNet weights), "hf-hub:<repo>"
+    (a timm model's weights on the HF hub), or a file: a checkpoint written by
+    `save_checkpoint`, a state_dict of the whole model, or of the encoder (.safetensors or
+    torch.save). The new Linear layers stay random unless the file holds them.
+    weights_dir: read the weights only from what `fetch-weights` put there (the DVC stages pass
+    models/pretrained); None: from torchvision's / the HF hub's caches (downloading when online)
+    or the file itself (encoders.source_file).
     """
-    if arch not in ARCHS:
-        raise ModelError(f"extractor.arch: unknown architecture {arch!r} (choose from {ARCHS})")
-    if feature_dim < 1:
-        raise ModelError(f"extractor.feature_dim must be >= 1, got {feature_dim}")
-    backbone, dim = _small_cnn() if arch == "small_cnn" else _torchvision_backbone(arch)
-    model = PatchClassifier(backbone, dim, feature_dim, arch)
+    check_arch(arch)
+    native = feature_dim == NATIVE
+    if not native and (isinstance(feature_dim, str) or int(feature_dim) < 1):
+        raise ModelError(f"extractor.feature_dim must be >= 1 or {NATIVE!r}, got {feature_dim!r}")
+    enc = build_encoder(arch, timm_kwargs)
+    model = PatchClassifier(enc.module, enc.dim, None if native else int(feature_dim), arch,
+                            enc.preprocess, timm_kwargs)
     if pretrained == "none":
         return model
     if pretrained == "imagenet":
-        path, url = imagenet_weights_file(arch)
-        if not path.is_file():
-            raise ModelError(
-                f"{path}: ImageNet weights for {arch} not found; nothing is downloaded at run "
-                f"time: fetch {url} yourself and put it at exactly that path (or set "
-                f"extractor.pretrained=none)"
-            )
-        _load_backbone(model, _torch_load(path), path)
+        torchvision_weights(arch)  # names the arch when it has no ImageNet weights
+    path = (tracked_file(weights_dir, arch, pretrained) if weights_dir is not None
+            else source_file(arch, pretrained))
+    obj = read_weights(path)
+    if pretrained == "imagenet":
+        load_torchvision_imagenet(model.backbone, arch, obj, path)
         return model
-    path = Path(pretrained)
-    if not path.is_file():
-        raise ModelError(f"{path}: extractor.pretrained checkpoint not found")
-    obj = _torch_load(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "meta" in obj:
         meta = obj["meta"]
-        if meta.get("arch") != arch or int(meta.get("feature_dim", -1)) != feature_dim:
+        head = (meta.get("encoder") or {}).get("feature_head", "linear")
+        if meta.get("arch") != arch or (head == NATIVE) != native or (
+                not native and int(meta.get("feature_dim", -1)) != int(feature_dim)):
             raise ModelError(
                 f"{path}: checkpoint is arch={meta.get('arch')!r} feature_dim="
-                f"{meta.get('feature_dim')}, params ask for arch={arch!r} feature_dim={feature_dim}"
-            )
+                f"{NATIVE if head == NATIVE else meta.get('feature_dim')}, params ask for "
+                f"arch={arch!r} feature_dim={feature_dim}")
         _load_strict(model, obj["state_dict"], path)
         return model
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: not a state_dict or checkpoint (got {type(obj).__name__})")
-    if any(k.startswith(("backbone.", "feature.", "head.")) for k in obj):
+    if any(k.startswith("backbone.") for k in obj):  # a whole PatchClassifier's state dict
         _load_strict(model, obj, path)
     else:
-        _load_backbone(model, obj, path)
+        load_encoder_state(model.backbone, arch, obj, path)
     return model
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types
-        msg = f"{path}: cannot read as a torch checkpoint: {exc}".splitlines()[0]
-        raise ModelError(msg) from exc
-
-
-def _state_dict_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state
-        and hasattr(state[k], "shape")
-        and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
-    return "; ".join(parts)
 
 
 def _load_strict(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
@@ -209,21 +200,10 @@ def _load_strict(model: nn.Module, state: Mapping[str, Any], path: Path) -> None
     model.load_state_dict(state, strict=True)
 
 
-def _load_backbone(model: PatchClassifier, state: Mapping[str, Any], path: Path) -> None:
-    """Load backbone weights in torchvision's layout; its fc (1000 classes) is ignored."""
-    own = model.backbone.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    problem = _state_dict_mismatch(model.backbone, state)
-    if problem:
-        raise ModelError(f"{path}: backbone weights do not fit {model.arch}: {problem}")
-    if not own:
-        raise ModelError(f"{path}: {model.arch} backbone has no parameters to load")
-    model.backbone.load_state_dict(state, strict=False)
-
-
 def _model_meta(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, PatchClassifier):
-        return {"kind": KIND_EXTRACTOR, "arch": model.arch, "feature_dim": model.feature_dim}
+        return {"kind": KIND_EXTRACTOR, "arch": model.arch, "feature_dim": model.feature_dim,
+                "encoder": model.encoder_meta()}
     if isinstance(model, UNet):
         return {"kind": KIND_UNET, **model.config()}
     raise TypeError(f"save_checkpoint: unsupported model type {type(model).__name__}")
@@ -324,10 +304,17 @@ EXTRACTOR_MATCH_KEYS = ("arch", "feature_dim", "extractor.crop_px", "tile.size_p
 
 def extractor_expectations(params: Any) -> dict[str, Any]:
     """{key: value} of EXTRACTOR_MATCH_KEYS under `params` (a pipeline.params.Params), for
-    `load_extractor(path, expected=...)`."""
-    return {"arch": params.extractor.arch, "feature_dim": params.extractor.feature_dim,
-            "extractor.crop_px": params.extractor.crop_px, "tile.size_px": params.tile.size_px,
-            "tile.mpp": params.tile.mpp}
+    `load_extractor(path, expected=...)`. feature_dim "native" is checked as the trained
+    params' value (the width is the encoder's); a timm encoder's kwargs must match too."""
+    arch, feature_dim = params.extractor.arch, params.extractor.feature_dim
+    out = {"arch": arch, "feature_dim": feature_dim,
+           "extractor.crop_px": params.extractor.crop_px,
+           "tile.size_px": params.tile.size_px, "tile.mpp": params.tile.mpp}
+    if feature_dim == NATIVE:
+        out["extractor.feature_dim"] = out.pop("feature_dim")
+    if is_timm(arch):
+        out["extractor.timm_kwargs"] = dict(params.extractor.timm_kwargs)
+    return out
 
 
 def checkpoint_mismatches(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -366,10 +353,18 @@ def load_extractor(
         if problems:
             raise ModelError(f"{path}: checkpoint does not match the params ("
                              f"{'; '.join(problems)}); retrain it or change the params")
-    if meta.get("arch") not in ARCHS:
+    arch = str(meta.get("arch"))
+    if not (arch in ARCHS or is_timm(arch)):
         raise ModelError(f"{path}: unknown arch {meta.get('arch')!r} in checkpoint meta")
-    model = build_extractor(str(meta["arch"]), int(meta["feature_dim"]))
+    # meta["encoder"]: absent in checkpoints from before timm encoders (ImageNet preprocessing,
+    # a feature Linear, the whole encoder trained)
+    enc = meta.get("encoder") or {}
+    native = enc.get("feature_head") == NATIVE
+    model = build_extractor(arch, NATIVE if native else int(meta["feature_dim"]),
+                            timm_kwargs=enc.get("timm_kwargs") or None)
+    model.preprocess = Preprocess.from_meta(enc.get("preprocess"))
     _load_strict(model, state, Path(path))
+    model.set_trainable_blocks(enc.get("trainable_blocks"))
     return model, meta
 
 

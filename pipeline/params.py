@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 from ruamel.yaml import YAML
 
 from pipeline.errors import PipelineError
@@ -77,9 +84,13 @@ Select = Literal["best_val", "last"]
 
 
 class ExtractorParams(_Section):
-    arch: Literal["googlenet", "resnet18", "small_cnn"] = "small_cnn"
+    # googlenet | resnet18 | small_cnn | timm:<model_name> (checked against timm when built)
+    arch: Literal["googlenet", "resnet18", "small_cnn"] | Annotated[
+        str, StringConstraints(pattern=r"^timm:\S+$")] = "small_cnn"
+    timm_kwargs: dict[str, Any] = {}
     pretrained: str = "none"
-    feature_dim: int = Field(16, ge=1)
+    feature_dim: Annotated[int, Field(ge=1)] | Literal["native"] = 16
+    trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = "all"
     crop_px: int = Field(224, ge=8)
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)

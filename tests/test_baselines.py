@@ -22,8 +22,9 @@ from torch import nn
 
 from pipeline import schema
 from pipeline.annotations import write_asap_xml
+from pipeline.encoders import fetch_weights
 from pipeline.io import sha256_file
-from pipeline.models import build_extractor, imagenet_weights_file
+from pipeline.models import ModelError, build_extractor, imagenet_weights_file
 from pipeline.params import Params, SegOnlyParams
 from pipeline.paths import Paths
 from pipeline.stages import label as label_stage
@@ -254,10 +255,9 @@ def _features(paths: Paths) -> dict[str, np.ndarray]:
     return out
 
 
-def test_frozen_untrained_without_imagenet_weights_and_seeded(project, tmp_path, monkeypatch):
+def test_frozen_untrained_with_pretrained_none_and_seeded(project):
     root, params = project
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
-    params = _params(root, extractor={"arch": "resnet18"})  # has ImageNet weights, none cached
+    params = _params(root, extractor={"arch": "resnet18"})  # pretrained: none
     paths = Paths(root)
     summary = train_frozen.run(params, paths)
     assert summary["frozen_extractor"] == "untrained"
@@ -304,22 +304,34 @@ def test_fold_standardization_rescales_the_feature_layer():
     torch.testing.assert_close(after, (before - mean) / std, rtol=1e-4, atol=1e-5)
 
 
-def test_frozen_extractor_uses_cached_imagenet_weights(project, tmp_path, monkeypatch):
+def test_frozen_extractor_follows_the_params_and_the_fetched_weights(project, tmp_path,
+                                                                     monkeypatch):
+    """pretrained=imagenet: the file fetch-weights put in models/pretrained (never whatever
+    the torch hub cache holds); pretrained=none: untrained, even with weights in the cache."""
     root, _ = project
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    params = _params(root, extractor={"arch": "resnet18"})
     weights, _ = imagenet_weights_file("resnet18")
     assert weights.is_relative_to(tmp_path)
     weights.parent.mkdir(parents=True)
-    torch.manual_seed(123)  # stands in for the real file: any resnet18 state_dict
+    torch.manual_seed(123)  # stands in for the real file: torchvision's layout (fc included)
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(state, weights)
-    model, source = train_frozen.frozen_extractor(params)
+    fetched = tmp_path / "pretrained"
+    with pytest.raises(ModelError, match="fetch-weights"):  # not fetched: no cache fallback
+        train_frozen.frozen_extractor(_params(root, extractor={"arch": "resnet18",
+                                                               "pretrained": "imagenet"}),
+                                      fetched)
+    fetch_weights("resnet18", "imagenet", fetched)
+    params = _params(root, extractor={"arch": "resnet18", "pretrained": "imagenet"})
+    model, source = train_frozen.frozen_extractor(params, fetched)
     assert source == "imagenet"
     torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"], rtol=0, atol=0)
 
-    model_sc, source_sc = train_frozen.frozen_extractor(_params(root))  # small_cnn: no ImageNet
-    assert source_sc == "untrained" and model_sc.arch == "small_cnn"
+    untrained = _params(root, extractor={"arch": "resnet18", "pretrained": "none"})
+    model_u, source_u = train_frozen.frozen_extractor(untrained, fetched)
+    assert source_u == "untrained"
+    assert not torch.equal(model_u.backbone.conv1.weight, state["conv1.weight"])
+    assert train_frozen.frozen_source("hf-hub:MahmoodLab/UNI") == "pretrained:MahmoodLab/UNI"
 
 
 def test_cli_registers_both_stages():

@@ -1,18 +1,16 @@
-"""Patch classifier architectures, local-only pretrained weights, checkpoints (pipeline.models)."""
+"""Patch classifier architectures and checkpoints (pipeline.models). ImageNet weights through
+torchvision's weights API: tests/test_weights.py; timm encoders: tests/test_timm_encoders.py."""
 
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
-from pipeline.errors import PipelineError
 from pipeline.models import (
     ModelError,
     PatchClassifier,
     build_extractor,
     extractor_input_normalization,
-    imagenet_weights_file,
     load_extractor,
     load_unet,
     save_checkpoint,
@@ -54,32 +52,6 @@ def test_normalization_constants():
     mean, std = extractor_input_normalization()
     assert mean == pytest.approx((0.485, 0.456, 0.406))
     assert std == pytest.approx((0.229, 0.224, 0.225))
-
-
-def test_imagenet_missing_names_the_expected_path_and_url(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    expected = tmp_path / "checkpoints" / "googlenet-1378be20.pth"
-    assert imagenet_weights_file("googlenet")[0] == expected
-    with pytest.raises(PipelineError) as err:
-        build_extractor("googlenet", pretrained="imagenet")
-    msg = str(err.value)
-    assert str(expected) in msg
-    assert "https://download.pytorch.org/models/googlenet-1378be20.pth" in msg
-    assert "\n" not in msg
-    assert not expected.exists()  # nothing was downloaded
-
-
-def test_imagenet_loads_backbone_from_local_cache_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    torch.manual_seed(1)
-    ref = torchvision.models.resnet18(weights=None)  # stands in for the real ImageNet file
-    path = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
-    path.parent.mkdir()
-    torch.save(ref.state_dict(), path)
-    m = build_extractor("resnet18", pretrained="imagenet")
-    assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight)
-    assert torch.equal(m.backbone.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
-    assert m.feature.in_features == 512
 
 
 def test_small_cnn_has_no_imagenet_weights():

@@ -49,7 +49,13 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torchvision.transforms import v2
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, color_transform, geometric_transform
+from pipeline.augment import (
+    IMAGENET_PREPROCESS,
+    Preprocess,
+    color_transform,
+    geometric_transform,
+    interpolation_mode,
+)
 from pipeline.data import DataError, SlidePatchDataset, loader_kwargs, slide_loader
 from pipeline.distributed import (
     all_reduce_mean_grads,
@@ -90,12 +96,14 @@ log = get_logger("pipeline.e2e_finetune")
 STAGE = "e2e-finetune"
 
 
-def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, 3, S, S) float pixels in 0..255 -> normalised model input. augment=False: centre crop
-    (as at inference); True: the paper's train augmentation, drawn per patch from torch's RNG
-    (e2e replays that RNG per chunk, so both passes see the same pixels)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def pixel_fn(crop_px: int, augment: bool, prep: Preprocess = IMAGENET_PREPROCESS,
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, S, S) float pixels in 0..255 -> model input as the extractor expects it (`prep`:
+    its mean/std, and resize for a fixed-size encoder). augment=False: centre crop (as at
+    inference); True: the paper's train augmentation, drawn per patch from torch's RNG (e2e
+    replays that RNG per chunk, so both passes see the same pixels)."""
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
     geo, col = geometric_transform(crop_px), color_transform()
 
     def fn(px: torch.Tensor) -> torch.Tensor:
@@ -104,6 +112,9 @@ def pixel_fn(crop_px: int, augment: bool) -> Callable[[torch.Tensor], torch.Tens
             px = torch.stack([col(geo(p)) for p in px])
         else:
             px = v2.functional.center_crop(px, [crop_px, crop_px])
+        if prep.input_px is not None:
+            px = v2.functional.resize(px, [prep.input_px, prep.input_px], antialias=True,
+                                      interpolation=interpolation_mode(prep.interpolation))
         return (px - mean.to(px)) / std.to(px)
 
     return fn
@@ -294,7 +305,7 @@ def _save_due(step: int, world: int, every: int) -> bool:
 def _val_loss(r: _Run) -> float:
     """Mean slide loss over the val slides with labelled tiles (all ranks), at inference."""
     total, n = 0.0, 0
-    prepare = pixel_fn(r.crop_px, False)
+    prepare = pixel_fn(r.crop_px, False, r.extractor.preprocess)
     for job in r.val_jobs:
         loss, n_labelled = val_slide_loss(r.extractor, r.unet, job.chunks, job.layouts,
                                           job.labels, prepare)
@@ -403,6 +414,7 @@ def _setup(params: Params, paths: Paths, rank: int, world: int,
     if not train_ids:
         raise TrainingError(f"{params.data.manifest}: no train slides for e2e-finetune")
     maps = {sid: load_slide_maps(paths.feature_file(sid), sid, params) for sid in train_ids}
+    augment = pixel_fn(params.extractor.crop_px, p.augment, extractor.preprocess)
     if p.backprop_fraction < 1:
         log.warning("e2e.backprop_fraction=%.3f: the extractor gradient is an unbiased "
                     "APPROXIMATION (a random subset of patches is re-forwarded)",
@@ -417,7 +429,7 @@ def _setup(params: Params, paths: Paths, rank: int, world: int,
     val_jobs, val_reader = (_val_jobs(params, paths, manifest, rank, world)
                             if p.select == "best_val" else ([], None))
     r = _Run(extractor, unet, opt_fe, opt_seg, reader, maps, train_ids,
-             pixel_fn(params.extractor.crop_px, p.augment), start, rank, world, device,
+             augment, start, rank, world, device,
              val_jobs, val_reader, params.extractor.crop_px)
     return r, ext_meta, unet_meta
 

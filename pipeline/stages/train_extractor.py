@@ -37,6 +37,7 @@ from pipeline.distributed import (
     rank_seed,
     relaunch_if_requested,
 )
+from pipeline.encoders import PRETRAINED_DIR
 from pipeline.io import write_json_atomic, write_text_atomic, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
@@ -154,24 +155,28 @@ def run(params: Params, paths: Paths) -> dict:
         raise TrainingError(f"{params.data.manifest}: the train split has no labelled tiles")
     batch_size = per_rank_batch(p.batch_size, world)
 
-    model = build_extractor(p.arch, p.feature_dim, p.pretrained).to(device)
+    model = build_extractor(p.arch, p.feature_dim, p.pretrained, timm_kwargs=p.timm_kwargs,
+                            weights_dir=paths.models / PRETRAINED_DIR).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    model.set_trainable_blocks(p.trainable_blocks)  # frozen / last-k / full encoder (before DDP)
     net: nn.Module = model
     if world > 1:
         if device.type == "cuda":  # BatchNorm statistics over the global batch (NCCL only)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.set_trainable_blocks(p.trainable_blocks)  # the new BN modules too
         # Same initial weights on every rank (seeded above; DDP also broadcasts rank 0's), then
         # a per-rank stream so dropout masks differ between ranks.
         torch.manual_seed(rank_seed(params.seed, rank, world))
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=p.lr)
     cache = params.tile.cache_pixels
     loader_seed = rank_seed(params.seed, rank, world)
     sampler = ShardedBalancedSampler(train.labels, params.seed, p.balance, rank, world)
     train_loader = patch_loader(
-        PatchDataset(train, transform=train_transform(p.crop_px), pixel_cache=cache),
+        PatchDataset(train, transform=train_transform(p.crop_px, model.preprocess),
+                     pixel_cache=cache),
         batch_size, p.workers, sampler=sampler, seed=loader_seed,
     )
     # Validation: every val patch exactly once over the ranks (no padding), sums all-reduced.
@@ -179,7 +184,8 @@ def run(params: Params, paths: Paths) -> dict:
     val_loader = None
     if len(my_val):
         val_loader = patch_loader(
-            PatchDataset(my_val, transform=eval_transform(p.crop_px), pixel_cache=cache),
+            PatchDataset(my_val, transform=eval_transform(p.crop_px, model.preprocess),
+                         pixel_cache=cache),
             batch_size, p.workers, seed=loader_seed,
         )
     if not len(val):
@@ -239,10 +245,12 @@ def run(params: Params, paths: Paths) -> dict:
 def cli(
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
 ) -> None:
-    """Train the patch classifier (GoogLeNet / ResNet-18 / small CNN + 16-d feature layer).
+    """Train the patch classifier (GoogLeNet / ResNet-18 / small CNN / timm encoder + 16-d
+    feature layer).
 
     Reads: the manifest's train/val slides, data/tiles/*.h5, data/labels/*.h5 (and the slides
-    or pixel caches); params seed, extractor.*, tile.cache_pixels.
+    or pixel caches), models/pretrained/ (fetch-weights); params seed, extractor.*,
+    tile.cache_pixels.
     Writes: models/extractor.pt, reports/train_extractor.json, reports/train_extractor.csv,
     reports/timings/train-extractor.json.
     Data-parallel under torchrun (docs/distributed.md).

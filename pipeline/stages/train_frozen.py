@@ -1,19 +1,22 @@
 """Stage `train-frozen`: the frozen-feature baseline of the paper's Table 1 ("Imagenet feature").
 
 Paper (§4.2): the feature extractor is not trained on patches; the U-Net is trained on features
-of an ImageNet-trained GoogLeNet. Here:
-- when torchvision's ImageNet weights for extractor.arch are in the local torch hub cache
-  (`models.imagenet_weights_file`), the extractor is `build_extractor(arch, feature_dim,
-  "imagenet")`. Its new backbone->feature_dim Linear (1024 -> 16 for GoogLeNet) is random
-  (seeded with `seed`), so the features are a fixed random projection of the ImageNet features.
-  The paper's f_{n-1} is that layer after training on patches; a random projection keeps the
-  ImageNet information only approximately (16 of 1024 directions), which is the price of keeping
-  the map 16 channels wide like the other methods;
-- otherwise (no weights in the cache, or an arch without ImageNet weights such as small_cnn) an
-  untrained extractor, `build_extractor(arch, feature_dim, "none")` after
-  `torch.manual_seed(seed)`: random-init features, the weakest possible "frozen" baseline.
-Which one was used is logged and recorded as attr `frozen_extractor` ("imagenet" | "untrained")
-in every prediction file, in reports/train_frozen.json and in the extractor checkpoint's meta.
+of an ImageNet-trained GoogLeNet. Here the extractor is `build_extractor(extractor.arch,
+extractor.feature_dim, extractor.pretrained)` with the weights `fetch-weights` put in
+models/pretrained/ (a DVC-tracked input: the params, never a file's presence in some cache,
+decide which row this is), after `torch.manual_seed(seed)`:
+- pretrained imagenet (the paper's row; GoogLeNet's file from torchvision's weights API): its
+  new backbone->feature_dim Linear (1024 -> 16 for GoogLeNet) is random (seeded), so the
+  features are a fixed random projection of the ImageNet features. The paper's f_{n-1} is that
+  layer after training on patches; a random projection keeps the ImageNet information only
+  approximately (16 of 1024 directions), the price of keeping the map 16 channels wide like the
+  other methods. With extractor.feature_dim=native the encoder's own features go to the U-Net;
+- pretrained hf-hub:<repo> or a file with a timm:<model> arch: "frozen foundation-model
+  features + U-Net", the same way;
+- pretrained none: an untrained extractor, random-init features, the weakest possible baseline.
+Which one was used is recorded as attr `frozen_extractor` ("imagenet" | "untrained" |
+"pretrained:<repo or file name>") in every prediction file, in reports/train_frozen.json and in
+the extractor checkpoint's meta.
 
 Feature standardisation (on by default; `frozen.standardize` in params when that key exists). A
 random feature layer gives features whose tile-to-tile spread is tiny next to their offset from
@@ -46,16 +49,16 @@ import typer
 
 from pipeline.augment import eval_transform
 from pipeline.data import slide_loader
+from pipeline.encoders import HF_PREFIX, PRETRAINED_DIR
 from pipeline.errors import PipelineError
 from pipeline.extraction import BATCH_SIZE, extract_all
 from pipeline.io import write_timings
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
 from pipeline.models import (
-    ModelError,
+    ChannelAffine,
     PatchClassifier,
     build_extractor,
-    imagenet_weights_file,
     load_extractor,
     save_checkpoint,
 )
@@ -80,20 +83,26 @@ UNTRAINED = "untrained"
 STATS_TILES_PER_SLIDE = 64
 
 
-def frozen_extractor(params: Params) -> tuple[PatchClassifier, str]:
-    """(extractor, "imagenet" | "untrained"): ImageNet backbone when its weights are in the
-    local torch cache, else a seeded random init. Nothing is downloaded."""
-    arch, dim = params.extractor.arch, params.extractor.feature_dim
-    try:
-        weights, _ = imagenet_weights_file(arch)
-        source = IMAGENET if weights.is_file() else UNTRAINED
-        where = f"{weights} {'found' if weights.is_file() else 'not found'}"
-    except ModelError:  # arch without ImageNet weights (small_cnn)
-        source, where = UNTRAINED, f"no ImageNet weights exist for arch {arch}"
+def frozen_source(pretrained: str) -> str:
+    """The frozen_extractor label of extractor.pretrained."""
+    if pretrained in ("none", IMAGENET):
+        return UNTRAINED if pretrained == "none" else IMAGENET
+    name = pretrained[len(HF_PREFIX):] if pretrained.startswith(HF_PREFIX) else Path(
+        pretrained).name
+    return f"pretrained:{name}"
+
+
+def frozen_extractor(params: Params, weights_dir: Path | None) -> tuple[PatchClassifier, str]:
+    """(extractor, frozen_extractor label) built from extractor.arch/pretrained/feature_dim
+    with the weights in `weights_dir` (models/pretrained, filled by fetch-weights; None: the
+    torch hub / HF caches, for use outside the pipeline)."""
+    p = params.extractor
     # Seed before building: the new Linear layers (and the whole net when untrained) are random.
     torch.manual_seed(params.seed)
-    model = build_extractor(arch, dim, "imagenet" if source == IMAGENET else "none")
-    log.info("frozen extractor: %s %s (%s)", source, arch, where)
+    model = build_extractor(p.arch, p.feature_dim, p.pretrained, timm_kwargs=p.timm_kwargs,
+                            weights_dir=weights_dir)
+    source = frozen_source(p.pretrained)
+    log.info("frozen extractor: %s %s", source, p.arch)
     return model, source
 
 
@@ -112,7 +121,7 @@ def feature_stats(
         rows = np.sort(rng.choice(n, size=min(n, STATS_TILES_PER_SLIDE), replace=False))
         cache = paths.pixel_cache_file(sid) if params.tile.cache_pixels else None
         loader = slide_loader(paths.tile_file(sid), rows, BATCH_SIZE, params.extractor.workers,
-                              eval_transform(params.extractor.crop_px), cache)
+                              eval_transform(params.extractor.crop_px, model.preprocess), cache)
         feats += [model.features(x.to(device)).float().cpu() for x, _ in loader]
     if not feats:
         raise PipelineError(f"{params.data.manifest}: no train tiles to standardise the frozen "
@@ -123,10 +132,17 @@ def feature_stats(
 
 @torch.no_grad()
 def fold_standardization(model: PatchClassifier, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Make model.features(x) return (features - mean) / std by rescaling the feature Linear."""
-    std = std.clamp_min(1e-12).to(model.feature.weight)
-    model.feature.weight.div_(std[:, None])
-    model.feature.bias.sub_(mean.to(std)).div_(std)
+    """Make model.features(x) return (features - mean) / std by rescaling the feature Linear
+    (or, feature_dim native, the fixed per-channel affine map in its place)."""
+    layer = model.feature
+    if isinstance(layer, ChannelAffine):
+        std = std.clamp_min(1e-12).to(layer.scale)
+        layer.scale.div_(std)
+        layer.shift.sub_(mean.to(std)).div_(std)
+        return
+    std = std.clamp_min(1e-12).to(layer.weight)
+    layer.weight.div_(std[:, None])
+    layer.bias.sub_(mean.to(std)).div_(std)
 
 
 def _standardize_setting(params: Params) -> bool:
@@ -159,7 +175,7 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
     if standardize is None:
         standardize = _standardize_setting(params)
     manifest = load_manifest(paths.root / params.data.manifest)
-    model, source = frozen_extractor(params)
+    model, source = frozen_extractor(params, paths.models / PRETRAINED_DIR)
     n_stats = 0
     if standardize:
         train_ids = list(manifest["slide_id"][manifest["split"] == "train"])
@@ -195,10 +211,11 @@ def cli(
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
 ) -> None:
     """Frozen-feature baseline ("Imagenet feature"): U-Net on features of an extractor never
-    trained on patches (ImageNet backbone from the local torch cache, else untrained).
+    trained on patches (extractor.pretrained: ImageNet, a foundation model's weights, or none).
 
-    Reads: the manifest, data/tiles/*.h5, data/labels/*.h5, the slides (or pixel caches), the
-    torch hub cache; params seed, tile.*, label.*, extractor.arch/feature_dim/crop_px/workers/amp,
+    Reads: the manifest, data/tiles/*.h5, data/labels/*.h5, the slides (or pixel caches),
+    models/pretrained/ (fetch-weights); params seed, tile.*, label.*,
+    extractor.arch/timm_kwargs/pretrained/feature_dim/crop_px/workers/amp,
     featuremap.*, unet.*, frozen.standardize (when present; default true).
     Writes: models/frozen_extractor.pt, models/frozen_unet.pt, data/features_frozen/*.h5,
     data/predictions/frozen/<slide_id>.h5, reports/train_frozen.json, reports/train_frozen.csv,
