@@ -27,7 +27,7 @@ from pipeline.annotations import write_asap_xml
 from pipeline.camelyon import pn_kappa, read_camelyon17_submission
 from pipeline.evaluation.inputs import EvaluateError
 from pipeline.evaluation.outputs import json_clean
-from pipeline.params import DataParams, Params
+from pipeline.params import DataParams, EvaluateParams, Params
 from pipeline.paths import Paths
 from pipeline.slide_classify import feature_names
 from pipeline.stages import evaluate
@@ -274,6 +274,17 @@ def test_camelyon17_random_forest(evaluated):
     page = (paths.reports / "index.html").read_text()
     assert "Random-forest slide classifier" in page and "number of patients (2 &lt; 5)" in page
     assert summary_kappas(evaluated[0]) == (pytest.approx(2 / 3), pytest.approx(sp["kappa"]))
+
+
+def test_random_forest_on_a_one_patient_split_reports_why(tmp_path):
+    params, paths = make_dataset(tmp_path)
+    params = params.model_copy(update={"evaluate": EvaluateParams(split="train")})  # only C
+    evaluate.run(params, paths)
+    c17 = json.loads((paths.reports / "metrics.json").read_text())["camelyon17"]["classifier"]
+    assert c17["evaluated_split"]["n_patients"] == 1  # the rule still scores
+    assert "at least 2 patients" in c17["random_forest"]["evaluated_split"]["status"]
+    assert c17["random_forest"]["all_splits"]["n_patients"] == 3
+    assert not (paths.reports / "camelyon17" / "classifier_rf_submission.csv").exists()
 
 
 def summary_kappas(summary: dict) -> tuple:
