@@ -69,8 +69,6 @@ from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.schema import METHODS
 
-__all__ = ["EvaluateError", "json_clean", "run", "cli"]
-
 log = get_logger("pipeline.evaluate")
 STAGE = "evaluate"
 SECTIONS = ("patch", "tumor_points", "camelyon16", "camelyon17")
@@ -127,7 +125,7 @@ def evaluate_method(meth: str, mp: MethodPredictions, truths: Mapping[str, Slide
     res17: cam17.Camelyon17Result | None = None
     try:
         res17 = cam17.evaluate_method(list(truths.values()), split_truths, mp.probs, thr,
-                                    params.evaluate.rf, params.seed)
+                                      params.evaluate.rf, params.seed)
         c17_metrics = res17.metrics
     except EvaluateError as exc:
         log.warning("camelyon17 (%s): %s", meth, exc)
