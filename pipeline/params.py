@@ -146,9 +146,16 @@ class FrozenParams(_Section):
     standardize: bool = True
 
 
+class RandomForestParams(_Section):
+    thresholds: tuple[float, ...] = Field((0.5, 0.9), min_length=1)
+    n_estimators: int = Field(100, ge=1)
+    folds: int = Field(5, ge=2)
+
+
 class EvaluateParams(_Section):
     threshold: float = Field(0.5, ge=0, le=1)
     split: Literal["train", "val", "test"] = "test"
+    rf: RandomForestParams = RandomForestParams()
 
 
 class Params(_Section):

@@ -5,11 +5,14 @@ coloured red = tumor, gray = normal, purple = nolabel, white = background; proba
 with the annotated tumor outlined; PR / ROC curves of all methods. `write_index_html` puts the
 metric tables (paper Table 1 form first), CAMELYON16/17 tables, training metrics and the images
 (relative links) on one page that opens offline.
+
+The page is a Jinja2 template (pipeline/templates/index.html.j2, package data): the layout lives
+there, the functions here only turn metrics into table cells. The figures stay hand-made
+matplotlib: they are paper-specific panels no plotting template provides.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
@@ -267,54 +271,8 @@ def fmt(v: Any, pct: bool = False, digits: int | None = None) -> str:
     return str(v)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    c = f' class="{cls}"' if cls else ""
-    return f"<table{c}><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>\n"
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;max-width:1400px;
-color:#222}
-h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
-h3{font-size:15px}
-table{border-collapse:collapse;margin:8px 0 16px 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}
-thead th{background:#f3f3f3}
-.note{color:#555;font-size:13px;max-width:1000px}
-img{max-width:100%;border:1px solid #eee;margin:4px 0}
-.curves img{max-width:420px;margin-right:12px}
-"""
-
-
-def write_index_html(
-    path: Path, metrics: Mapping[str, Any], labels: Mapping[str, str],
-    slide_rows: Sequence[Mapping[str, Any]], c17_details: Mapping[str, Mapping[str, Any]],
-    slide_figs: Sequence[Mapping[str, str]], curve_figs: Mapping[str, str],
-    training: Mapping[str, Mapping[str, Any]],
-) -> None:
-    """The one static page a reader opens (reports/index.html); image links are relative."""
-    ev = metrics["evaluation"]
-    esc = html.escape
-    methods = [mm for mm in TABLE_ORDER if mm in metrics["patch"]]
-    ran = [mm for mm in methods if metrics["patch"][mm].get("status") == "ok"]
-    parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<title>multistage-wsi evaluation</title>"
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>multistage-wsi — evaluation report</h1>",
-        f"<p class=\"note\">Split <b>{esc(str(ev['split']))}</b>: {ev['n_slides']} slides, "
-        f"{ev['n_patients']} patients; tumor threshold {ev['threshold']:g}; seed {ev['seed']}. "
-        "Tiles not predicted by a method (off its canvas) count as predicted normal.</p>",
-    ]
-    if "frozen" in ran:
-        parts.append(f"<p class=\"note\">Frozen-feature baseline extractor: "
-                     f"<b>{esc(str(ev.get('frozen_extractor') or 'unknown'))}</b>.</p>")
-
-    # Table 1
+def _table1_rows(metrics: Mapping[str, Any], methods: Sequence[str],
+                 labels: Mapping[str, str]) -> list[list[Any]]:
     rows = []
     for mm in methods:
         pm = metrics["patch"][mm]
@@ -324,110 +282,139 @@ def write_index_html(
         rows.append([labels.get(mm, mm), fmt(pm["accuracy"], True), fmt(pm["pr_auc"], True),
                      fmt(pm["average_precision"], True), fmt(pm["roc_auc"], True),
                      pm["n_tumor"], pm["n_normal"], pm["n_unpredicted"]])
-    parts += [
-        "<h2>Table 1 — patch classification (tumor vs normal tiles, nolabel excluded)</h2>",
-        _table(["Method", "Accuracy (%)", "PR-AUC (%)", "Average precision (%)", "ROC-AUC (%)",
-                "tumor tiles", "normal tiles", "unpredicted"], rows),
-        "<p class=\"note\">PR-AUC: trapezoidal area under the precision-recall curve (the "
-        "paper's metric); average precision: step-wise (sklearn). Single-class splits give "
-        "n/a.</p>",
-    ]
-    if curve_figs:
-        parts.append("<div class=\"curves\">" + "".join(
-            f"<img src=\"{esc(v)}\" alt=\"{esc(k)} curves\">" for k, v in curve_figs.items())
-            + "</div><p class=\"note\">Curve data: curves/pr.csv, curves/roc.csv.</p>")
+    return rows
 
-    # tumor points
-    tp_rows = [[labels.get(mm, mm), fmt(metrics["tumor_points"][mm]["mean_per_slide"]),
-                metrics["tumor_points"][mm]["total"], metrics["tumor_points"][mm]["max_per_slide"]]
-               for mm in ran]
-    parts += ["<h2>Tumor points</h2>",
-              "<p class=\"note\">Connected groups (8-neighbourhood on the tile grid) of tiles "
-              "predicted tumor that touch no tile with annotated tumor — isolated false spots a "
-              "pathologist would still have to inspect (paper §4.2.1). Lower is better.</p>",
-              _table(["Method", "mean per slide", "total", "max on a slide"], tp_rows)]
-    slides = sorted({r["slide_id"] for r in slide_rows})
+
+def _tumor_point_tables(metrics: Mapping[str, Any], ran: Sequence[str], labels: Mapping[str, str],
+                        slide_rows: Sequence[Mapping[str, Any]]) -> tuple[list, dict[str, list]]:
+    """(per-method table rows, per-slide table {header, rows})."""
+    tp = metrics["tumor_points"]
+    rows = [[labels.get(mm, mm), fmt(tp[mm]["mean_per_slide"]), tp[mm]["total"],
+             tp[mm]["max_per_slide"]] for mm in ran]
     per = {(r["slide_id"], r["method"]): r for r in slide_rows}
-    parts.append(_table(["Slide"] + [labels.get(mm, mm) for mm in ran],
-                        [[s] + [per[(s, mm)]["tumor_points"] for mm in ran] for s in slides]))
+    slides = sorted({r["slide_id"] for r in slide_rows})
+    return rows, {"header": ["Slide"] + [labels.get(mm, mm) for mm in ran],
+                  "rows": [[s] + [per[(s, mm)]["tumor_points"] for mm in ran] for s in slides]}
 
-    # CAMELYON16
-    c16_rows = []
+
+def _camelyon16_rows(metrics: Mapping[str, Any], ran: Sequence[str],
+                     labels: Mapping[str, str]) -> tuple[list[list[Any]], Mapping | None]:
+    """(table rows, the lesion counts of the first method scored, for the note)."""
+    rows = []
     for mm in ran:
         c = metrics["camelyon16"][mm]
         if "froc" not in c:
-            c16_rows.append([labels.get(mm, mm), c.get("status", "n/a")] + [""] * 8)
+            rows.append([labels.get(mm, mm), c.get("status", "n/a")] + [""] * 8)
             continue
-        c16_rows.append([labels.get(mm, mm), fmt(c["slide_auc_max_prob"], True),
-                         fmt(c["slide_auc_area"], True), fmt(c["froc"], digits=3)]
-                        + [fmt(c[k], digits=3) for k in ("fp_0_25", "fp_0_5", "fp_1", "fp_2",
-                                                          "fp_4", "fp_8")])
-    any16 = next((metrics["camelyon16"][mm] for mm in ran if "froc" in metrics["camelyon16"][mm]),
-                 None)
-    parts += ["<h2>CAMELYON16 protocol</h2>",
-              "<p class=\"note\">Slide AUC: ROC-AUC of a per-slide score (max tile probability; "
-              "predicted tumor area in mm²) against 'slide has annotated tumor'. FROC: official "
-              "lesion-level protocol (evaluation mask dilated 37.5 µm and hole-filled, ITC "
-              "lesions &lt; 275 µm ignored; one detection per predicted tumor component at its "
-              "most probable tile); score = mean sensitivity at 1/4..8 false positives per "
-              "slide." + (f" {any16['n_tumor_slides']} of {any16['n_slides']} slides have "
-                          f"tumor; {any16['n_lesions']} non-ITC lesions, {any16['n_itc_lesions']}"
-                          " ITC." if any16 else "") + "</p>",
-              _table(["Method", "slide AUC, max prob (%)", "slide AUC, area (%)", "FROC",
-                      "sens @1/4 FP", "@1/2", "@1", "@2", "@4", "@8"], c16_rows)]
+        rows.append([labels.get(mm, mm), fmt(c["slide_auc_max_prob"], True),
+                     fmt(c["slide_auc_area"], True), fmt(c["froc"], digits=3)]
+                    + [fmt(c[k], digits=3) for k in ("fp_0_25", "fp_0_5", "fp_1", "fp_2",
+                                                     "fp_4", "fp_8")])
+    counts = next((metrics["camelyon16"][mm] for mm in ran
+                   if "froc" in metrics["camelyon16"][mm]), None)
+    return rows, counts
 
-    # CAMELYON17
-    c17_rows = []
+
+def _kappa_cell(d: Mapping[str, Any]) -> str:
+    return fmt(d.get("kappa"), digits=3) if "kappa" in d else str(d.get("status", "n/a"))
+
+
+def _camelyon17_rows(metrics: Mapping[str, Any], ran: Sequence[str],
+                     labels: Mapping[str, str]) -> list[list[Any]]:
+    rows = []
     for mm in ran:
         c = metrics["camelyon17"][mm]
         sp, al = c.get("evaluated_split", {}), c.get("all_splits", {})
-        c17_rows.append([labels.get(mm, mm), fmt(sp.get("kappa"), digits=3),
-                         fmt(sp.get("stage_accuracy"), True), fmt(sp.get("slide_class_accuracy"),
-                                                                  True), sp.get("n_patients", ""),
-                         fmt(al.get("kappa"), digits=3) if "kappa" in al else al.get("status",
-                                                                                     "n/a"),
-                         al.get("n_patients", "")])
-    parts += ["<h2>CAMELYON17 protocol (patient pN-stage)</h2>",
-              f"<p class=\"note\">Truth: {esc(str(ev.get('camelyon17_truth', '')))}. Predicted "
-              "slide class from the largest predicted lesion on the tile grid (macro &gt; 2 mm, "
-              "micro &gt; 0.2 mm, else ITC), pN-stage from the patient's slides, "
-              "quadratic-weighted Cohen kappa. 'All splits' <b>includes training data</b> and is "
-              "shown only so the score is not degenerate on a small test split. Submission "
-              "files: camelyon17/&lt;method&gt;_submission.csv (reference: "
-              "camelyon17/reference.csv).</p>",
-              _table(["Method", f"kappa ({ev['split']})", "stage accuracy (%)",
-                      "slide class accuracy (%)", "patients", "kappa (all splits, includes "
-                      "training data)", "patients (all)"], c17_rows)]
-    if c17_details:
-        first = next(iter(c17_details.values()))
-        pats = sorted(first["patient_true"])
-        parts.append(_table(["Patient", "truth"] + [labels.get(mm, mm) for mm in c17_details],
-                            [[p, first["patient_true"][p]]
-                             + [c17_details[mm]["patient_pred"][p] for mm in c17_details]
-                             for p in pats]))
-        parts.append(_table(
-            ["Slide", "truth"] + [labels.get(mm, mm) for mm in c17_details],
-            [[s, first["slide_true"][s]] + [c17_details[mm]["slide_pred"][s]
-                                            for mm in c17_details]
-             for s in sorted(first["slide_true"])]))
+        rows.append([labels.get(mm, mm), fmt(sp.get("kappa"), digits=3),
+                     fmt(sp.get("stage_accuracy"), True), fmt(sp.get("slide_class_accuracy"),
+                                                              True),
+                     sp.get("n_patients", ""), _kappa_cell(al), al.get("n_patients", "")])
+    return rows
 
-    # training
-    if training:
-        parts.append("<h2>Training</h2>")
-        for name, d in training.items():
-            parts.append(f"<h3>{esc(name)}</h3>")
-            parts.append(_table(["metric", "value"], [[k, fmt(v) if isinstance(v, float) else v]
-                                                       for k, v in d.items()]))
 
-    # figures
-    parts += ["<h2>Prediction maps</h2>",
-              "<p class=\"note\">Left to right: slide, ground truth, then each method (red "
-              "tumor, gray normal, purple nolabel, white background). Below each: tumor "
-              "probability heat maps with the annotated tumor tiles outlined.</p>"]
-    for f in slide_figs:
-        parts.append(f"<h3>{esc(f['slide_id'])}</h3>"
-                     f"<img src=\"{esc(f['map'])}\" alt=\"{esc(f['slide_id'])} maps\"><br>"
-                     f"<img src=\"{esc(f['heatmap'])}\" alt=\"{esc(f['slide_id'])} heat map\">")
-    parts.append("<p class=\"note\">Metrics: metrics.json; per slide and method: "
-                 "evaluate_slides.csv.</p></body></html>\n")
-    write_text_atomic(path, "\n".join(parts))
+def _forest_cells(d: Mapping[str, Any]) -> list[str]:
+    """kappa, fold mean ± std, folds of one random-forest scope."""
+    if "kappa" not in d:
+        return [str(d.get("status", "n/a")), "", ""]
+    spread = (f"{fmt(d['kappa_fold_mean'], digits=3)} ± {fmt(d['kappa_fold_std'], digits=3)}"
+              if d.get("n_folds_scored") else "n/a")
+    return [fmt(d["kappa"], digits=3), spread,
+            f"{d.get('folds', d['n_folds'])}; {d['n_folds_scored']} scored"]
+
+
+def _random_forest_rows(metrics: Mapping[str, Any], ran: Sequence[str],
+                        labels: Mapping[str, str]) -> list[list[Any]]:
+    """Rule-based and random-forest kappa side by side, evaluated split then all splits."""
+    rows = []
+    for mm in ran:
+        c = metrics["camelyon17"][mm]
+        rf = c.get("random_forest", {})
+        rows.append([labels.get(mm, mm), _kappa_cell(c.get("evaluated_split", c))]
+                    + _forest_cells(rf.get("evaluated_split", rf))
+                    + [_kappa_cell(c.get("all_splits", c))]
+                    + _forest_cells(rf.get("all_splits", rf)))
+    return rows
+
+
+def _camelyon17_detail_tables(c17_details: Mapping[str, Mapping[str, Any]],
+                              labels: Mapping[str, str]) -> list[dict[str, list]]:
+    """Per patient and per slide: truth and each method's rule-based prediction."""
+    if not c17_details:
+        return []
+    first = next(iter(c17_details.values()))
+    names = [labels.get(mm, mm) for mm in c17_details]
+    patients = sorted(first["patient_true"])
+    slides = sorted(first["slide_true"])
+    return [
+        {"header": ["Patient", "truth"] + names,
+         "rows": [[p, first["patient_true"][p]]
+                  + [d["patient_pred"][p] for d in c17_details.values()] for p in patients]},
+        {"header": ["Slide", "truth"] + names,
+         "rows": [[s, first["slide_true"][s]] + [d["slide_pred"][s] for d in c17_details.values()]
+                  for s in slides]},
+    ]
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined)
+    return env.get_template("index.html.j2")
+
+
+def _cells(rows: Sequence[Sequence[Any]]) -> list[list[str]]:
+    return [[str(c) for c in r] for r in rows]
+
+
+def write_index_html(
+    path: Path, metrics: Mapping[str, Any], labels: Mapping[str, str],
+    slide_rows: Sequence[Mapping[str, Any]], c17_details: Mapping[str, Mapping[str, Any]],
+    slide_figs: Sequence[Mapping[str, str]], curve_figs: Mapping[str, str],
+    training: Mapping[str, Mapping[str, Any]], rf: Mapping[str, Any] | None = None,
+) -> None:
+    """The one static page a reader opens (reports/index.html; template
+    pipeline/templates/index.html.j2); image links are relative. `rf`: the evaluate.rf params
+    (n_estimators, thresholds) named in the random-forest note."""
+    ev = metrics["evaluation"]
+    methods = [mm for mm in TABLE_ORDER if mm in metrics["patch"]]
+    ran = [mm for mm in methods if metrics["patch"][mm].get("status") == "ok"]
+    tp_rows, tp_slides = _tumor_point_tables(metrics, ran, labels, slide_rows)
+    c16_rows, c16_counts = _camelyon16_rows(metrics, ran, labels)
+    text = _template().render(
+        ev=ev, threshold=f"{ev['threshold']:g}",
+        frozen_extractor=str(ev.get("frozen_extractor") or "unknown") if "frozen" in ran else "",
+        table1=_cells(_table1_rows(metrics, methods, labels)), curve_figs=curve_figs,
+        tumor_points=_cells(tp_rows),
+        tumor_points_slides={"header": tp_slides["header"], "rows": _cells(tp_slides["rows"])},
+        camelyon16=_cells(c16_rows), c16_counts=c16_counts,
+        camelyon17=_cells(_camelyon17_rows(metrics, ran, labels)),
+        camelyon17_details=[{"header": t["header"], "rows": _cells(t["rows"])}
+                            for t in _camelyon17_detail_tables(c17_details, labels)],
+        random_forest=_cells(_random_forest_rows(metrics, ran, labels)),
+        rf={"n_estimators": (rf or {}).get("n_estimators", "?"),
+            "thresholds": ", ".join(f"{t:g}" for t in (rf or {}).get("thresholds", ()))},
+        training={name: _cells([[k, fmt(v) if isinstance(v, float) else v]
+                                for k, v in d.items()]) for name, d in training.items()},
+        slide_figs=slide_figs)
+    write_text_atomic(path, text)

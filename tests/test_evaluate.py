@@ -24,11 +24,13 @@ import pytest
 
 from pipeline import schema
 from pipeline.annotations import write_asap_xml
-from pipeline.camelyon import read_camelyon17_submission
-from pipeline.params import DataParams, Params
+from pipeline.camelyon import pn_kappa, read_camelyon17_submission
+from pipeline.evaluation.inputs import EvaluateError
+from pipeline.evaluation.outputs import json_clean
+from pipeline.params import DataParams, EvaluateParams, Params
 from pipeline.paths import Paths
+from pipeline.slide_classify import feature_names
 from pipeline.stages import evaluate
-from pipeline.stages.evaluate import EvaluateError, json_clean
 from pipeline.table1 import (
     format_table1,
     main,
@@ -231,6 +233,62 @@ def test_camelyon17(evaluated):
     assert sub == {"P1": "pn1mi", "P2": "pn0(i+)"}
     ref = read_camelyon17_submission(paths.reports / "camelyon17" / "reference.csv")
     assert ref == {"P1": "pn1mi", "P2": "pn0"}
+
+
+def test_camelyon17_random_forest(evaluated):
+    _, mt, paths = evaluated
+    rf = mt["camelyon17"]["classifier"]["random_forest"]
+    # Test split: patients P1 (A, micro) and P2 (B, negative) -> 2 folds of one patient each.
+    # Each forest is trained on one slide of one class, so it predicts that class: A -> negative
+    # (P1 pN0, true pN1mi), B -> micro (P2 pN1mi, true pN0). A fold of one wrongly staged
+    # patient has kappa 0 (observed = chance disagreement).
+    sp = rf["evaluated_split"]
+    assert sp["kappa"] == pytest.approx(pn_kappa(["pN1mi", "pN0"], ["pN0", "pN1mi"]))
+    assert (sp["n_folds"], sp["n_folds_scored"]) == (2, 2)
+    assert (sp["kappa_fold_mean"], sp["kappa_fold_std"]) == (0.0, 0.0)
+    assert "number of patients (2 < 5)" in sp["folds"]
+    assert (sp["stage_accuracy"], sp["slide_class_accuracy"]) == (0.0, 0.0)
+    # All splits: 3 patients -> 3 folds; frozen lacks train slide C -> incomplete.
+    al = rf["all_splits"]
+    assert (al["n_folds"], al["n_patients"], al["n_slides"]) == (3, 3, 3)
+    assert mt["camelyon17"]["frozen"]["random_forest"]["all_splits"]["status"].startswith(
+        "incomplete")
+    assert "kappa" in mt["camelyon17"]["frozen"]["random_forest"]["evaluated_split"]
+    sub = read_camelyon17_submission(paths.reports / "camelyon17" / "classifier_rf_submission.csv")
+    assert sub == {"P1": "pn0", "P2": "pn1mi"}
+    # The features table: every slide (all have classifier predictions), hand-checked features
+    # of A: tiles >= 0.5 are the 2x2 block at (0,0) and (0,4) -> 2 regions; none is >= 0.9:
+    # the two 0.9 tiles are stored as float32 0.89999998 -> 0 regions.
+    ft = pd.read_csv(paths.reports / "camelyon17" / "slide_features_classifier.csv",
+                     keep_default_na=False).set_index("slide_id")
+    assert list(ft.index) == ["A", "B", "C"]
+    assert list(ft.columns[:8]) == ["patient_id", "split", "true_class", "rule_class",
+                                    "rf_class_split", "rf_fold_split", "rf_class_all",
+                                    "rf_fold_all"]
+    assert list(ft.columns[8:]) == feature_names((0.5, 0.9))
+    assert (ft.loc["A", "n_regions_t50"], ft.loc["A", "n_regions_t90"]) == (2, 0)
+    assert ft.loc["A", "largest_area_um2_t50"] == 4 * 100.0**2
+    assert ft.loc["A", "prob_max"] == pytest.approx(0.9)
+    assert (ft.loc["A", "rule_class"], ft.loc["A", "rf_class_split"]) == ("micro", "negative")
+    assert ft.loc["C", "rf_class_split"] == ""  # train slide: not in the test-split CV
+    page = (paths.reports / "index.html").read_text()
+    assert "Random-forest slide classifier" in page and "number of patients (2 &lt; 5)" in page
+    assert summary_kappas(evaluated[0]) == (pytest.approx(2 / 3), pytest.approx(sp["kappa"]))
+
+
+def test_random_forest_on_a_one_patient_split_reports_why(tmp_path):
+    params, paths = make_dataset(tmp_path)
+    params = params.model_copy(update={"evaluate": EvaluateParams(split="train")})  # only C
+    evaluate.run(params, paths)
+    c17 = json.loads((paths.reports / "metrics.json").read_text())["camelyon17"]["classifier"]
+    assert c17["evaluated_split"]["n_patients"] == 1  # the rule still scores
+    assert "at least 2 patients" in c17["random_forest"]["evaluated_split"]["status"]
+    assert c17["random_forest"]["all_splits"]["n_patients"] == 3
+    assert not (paths.reports / "camelyon17" / "classifier_rf_submission.csv").exists()
+
+
+def summary_kappas(summary: dict) -> tuple:
+    return summary["classifier"]["kappa_rule"], summary["classifier"]["kappa_rf"]
 
 
 def test_curve_csvs(evaluated):
