@@ -72,6 +72,7 @@ class ExtractorParams(_Section):
     balance: bool = True
     workers: int = Field(2, ge=0)
     amp: bool = True
+    decode: Literal["cpu", "device"] = "cpu"
 
 
 class FeatureMapParams(_Section):
