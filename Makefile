@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # dvc.yaml stage commands call `python -m pipeline`: make the venv's python the one on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test install lint table1 bench clean
+.PHONY: demo test install lint table1 bench clean clean-outputs
 
 # torch/torchvision are pinned here (not in pyproject) to the builds on this platform's local
 # wheel store; pyproject only gives floors. Override with `make TORCH_SPEC=... install`.
@@ -46,5 +46,20 @@ table1: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline tests benchmarks
 
+# Only regenerable working files: Python/pytest/ruff caches, the run log of wall-clock times
+# (reports/timings), table1's scratch export. Never a result: not .dvc/cache (every experiment's
+# outputs), not a git-tracked file, not data/ or models/ (tests/test_make_clean.py checks).
 clean:
-	rm -rf data models reports/*/ reports/*.json reports/*.csv reports/*.html .dvc/cache
+	find . -path ./.venv -prune -o -path ./.git -prune -o -path ./.dvc -prune -o \
+		-type d -name __pycache__ -prune -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache reports/timings reports/exp_show.json
+
+# Full reset of the workspace copies of the DVC outputs that DVC caches (data/tiles, data/
+# features*, data/predictions/*, models/*.pt, reports/figures, ...: the list is read from
+# dvc.yaml). Their cached copies stay in .dvc/cache, so `dvc checkout` restores every one; the
+# git-tracked metrics and plots (cache: false) and your own slides under data/ are kept.
+clean-outputs:
+	@outs="$$($(PY) -m pipeline.dvcdeps --cached-outs)" || exit 1; \
+	echo "removing the workspace copies of: $$(echo $$outs)"; \
+	echo "(cached in .dvc/cache: \`dvc checkout\` restores them)"; \
+	rm -rf -- $$outs

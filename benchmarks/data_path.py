@@ -37,9 +37,9 @@ from pipeline.io import write_json_atomic
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.slide import READER_ENV
-from pipeline.stages.tile import tile_slide
 from pipeline.synth import n_levels_for, plan_slide, render_slide
 from pipeline.tiff import write_pyramidal_tiff
+from pipeline.tiling import tile_slide
 
 CACHE_FILTERS: dict[str, tuple[str | None, int | None]] = {
     "none": (None, None),

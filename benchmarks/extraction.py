@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import extraction as extract_features
 from pipeline.io import write_json_atomic
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
@@ -43,7 +44,6 @@ from pipeline.models import build_extractor, load_extractor, save_checkpoint
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.slide import READER_ENV
-from pipeline.stages import extract_features
 from pipeline.tileindex import read_tile_index
 
 log = get_logger("bench.extraction")

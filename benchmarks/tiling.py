@@ -281,7 +281,7 @@ def _timed_cm(part: str, factory: Callable) -> Callable:
 def _install_probes(records: Path) -> None:
     """Wrap the tile stage's parts with timers; every tile_slide appends one JSON line to
     `records` (O_APPEND: forked workers may write concurrently)."""
-    import pipeline.stages.tile as tile_mod
+    import pipeline.tiling as tile_mod
     from pipeline.slide import Slide
     from pipeline.tissue import TissueMask
 

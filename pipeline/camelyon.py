@@ -295,6 +295,9 @@ def _detections_array(d: Any, slide: str) -> np.ndarray:
             f"froc: detections for {slide} must be a finite (k, 3) array of x, y, prob; "
             f"got shape {a.shape}"
         )
+    if (a[:, 2] < 0).any():  # the official scores lesions from 0 up: a negative p is no score
+        raise MetricsError(f"froc: detections for {slide} have a negative probability "
+                           f"({a[:, 2].min():g}); probabilities must be >= 0")
     return a
 
 
@@ -304,33 +307,47 @@ def froc(
     fp_rates: Sequence[float] = FROC_FP_RATES,
     interpolation: str = "linear",
 ) -> dict[str, Any]:
-    """Lesion-level FROC of CAMELYON16 (official protocol).
+    """Lesion-level FROC of CAMELYON16, equal to the official evaluation script.
+
+    The reference is computationalpathologygroup/Camelyon16 `Python/Evaluation_FROC.py` (commit
+    546b6138); each rule below names the line it follows.
 
     Args:
         detections: slide id -> (k, 3) array of (x_px, y_px, prob) in the evaluation mask's
-            pixel coordinates (pixel (row, col) = (int(y), int(x))). Slides may be missing
-            (no detections).
+            pixel coordinates (pixel (row, col) = (int(y), int(x))), prob >= 0. Slides may be
+            missing (no detections).
         masks: slide id -> (labels, itc_ids) from `evaluation_mask` for tumor slides, None for
             normal slides. Every slide evaluated must be here; len(masks) is the slide count.
         fp_rates: average FPs per slide at which sensitivity is read (official: 1/4 .. 8).
         interpolation: how sensitivity is read at a given FP rate from the operating points.
-            "linear" (default) = the official script: ``np.interp`` along the polyline through
-            (0, 0) and the operating points in order of decreasing threshold. "step" =
+            "linear" (default) = the challenge's score: ``np.interp`` along the polyline
+            through (0, 0) and the operating points in order of decreasing threshold (the
+            official script plots this curve; its score is the mean of np.interp on the
+            reversed arrays, as in NCRF's port). "step" (not the challenge's number) =
             sensitivity of the operating point with the largest FP rate not exceeding it. The
             two agree unless a TP and an FP share a probability (tied operating point).
 
-    Scoring per detection: on a normal slide -> FP. On a tumor slide: label 0 -> FP; an ITC
-    lesion -> ignored (neither TP nor FP); a non-ITC lesion -> that lesion is detected with
-    probability = its highest hit (other hits on it are ignored). Sensitivity is over all
-    non-ITC lesions of all slides. The sweep uses every distinct scored probability t as a
-    threshold (count items with prob >= t); the official script also uses every distinct value
-    except the lowest one, which only differs when no lesion was missed and there are no ITC
-    lesions (there the lowest value is 0 = "not detected").
+    Scoring per detection: on a normal slide -> FP (l. 147-148). On a tumor slide: label 0 ->
+    FP (l. 136-137); an ITC lesion -> ignored, neither TP nor FP (l. 141); a non-ITC lesion ->
+    its score starts at 0 (l. 124) and a hit replaces it only when strictly greater
+    (l. 142-145), so the lesion's score is its highest hit and a lesion hit only at p = 0 is
+    NOT detected. Sensitivity is over all non-ITC lesions of all slides (l. 153, 182); FP rate
+    is FPs / number of slides (l. 181).
+
+    Thresholds (l. 175-178): the distinct values of all FP probabilities and all lesion scores
+    -- a lesion scored 0 (missed, or ITC: the official keeps a 0 for every lesion label)
+    included -- in increasing order WITHOUT the lowest one (`for Thresh in all_probs[1:]`); at
+    each, count FPs and lesion scores >= it. The (0, 0) point is appended (l. 179-180). Dropping
+    the lowest value only drops "count everything" when some lesion scored 0; when every lesion
+    is detected and there is no ITC it drops the lowest real operating point, as the official
+    does. The official stores lesion scores as float32 (l. 124); here they stay float64, which
+    is identical for float32 probabilities (every model output here) and differs only when a
+    TP and an FP probability are closer than float32 resolution.
 
     Returns dict with thresholds (inf first, then decreasing), fps_per_slide and sensitivity
     (aligned with thresholds, starting at the (0, 0) point), fp_rates, sensitivity_at_fp_rates,
     score (mean of those), n_slides, n_lesions (non-ITC), n_itc_lesions, n_fp_total,
-    n_detected_lesions. Sensitivities are NaN when there are no non-ITC lesions.
+    n_detected_lesions (score > 0). Sensitivities are NaN when there are no non-ITC lesions.
     """
     if interpolation not in ("linear", "step"):
         raise MetricsError(f"froc: interpolation must be 'linear' or 'step', got {interpolation!r}")
@@ -341,7 +358,7 @@ def froc(
         raise MetricsError(f"froc: detections for slides with no mask entry: {sorted(extra)}")
     fp_probs: list[np.ndarray] = []
     tp_probs: list[float] = []
-    n_lesions = n_itc = 0
+    n_lesions = n_itc = n_scored_zero = 0
     for slide, mask in masks.items():
         det = _detections_array(detections.get(slide, np.zeros((0, 3))), slide)
         if mask is None:
@@ -354,6 +371,7 @@ def froc(
         n_itc += int(np.isin(ids, list(itc)).sum())
         n_lesions += int((~np.isin(ids, list(itc))).sum())
         if det.shape[0] == 0:
+            n_scored_zero += len(ids)  # the official keeps a 0 score for every lesion label
             continue
         cols = np.floor(det[:, 0]).astype(np.int64)
         rows = np.floor(det[:, 1]).astype(np.int64)
@@ -369,14 +387,18 @@ def froc(
         fp_probs.append(det[hit == 0, 2])
         best: dict[int, float] = {}
         for lesion, p in zip(hit.tolist(), det[:, 2].tolist(), strict=True):
-            if lesion != 0 and lesion not in itc:
-                best[lesion] = max(best.get(lesion, -math.inf), p)
+            # official l. 124, 142: a lesion starts at 0 and needs p > score: a 0 never counts
+            if lesion != 0 and lesion not in itc and p > best.get(lesion, 0.0):
+                best[lesion] = p
         tp_probs.extend(best.values())
+        n_scored_zero += len(ids) - len(best)  # missed and ITC lesions: official score 0
 
     fp = np.sort(np.concatenate(fp_probs)) if fp_probs else np.zeros(0)
-    tp = np.sort(np.asarray(tp_probs, dtype=np.float64))
+    tp = np.sort(np.asarray(tp_probs, dtype=np.float64))  # detected lesions only (all > 0)
     n_slides = len(masks)
-    thr = np.unique(np.concatenate([fp, tp]))[::-1]  # decreasing
+    # official l. 175-176: every distinct value (a 0 for each lesion scored 0) but the lowest
+    values = np.unique(np.concatenate([fp, tp, [0.0] if n_scored_zero else []]))
+    thr = values[1:][::-1]  # decreasing; all > 0, so a lesion scored 0 is never counted
     n_fp_at = fp.size - np.searchsorted(fp, thr, side="left")  # count of prob >= t
     n_tp_at = tp.size - np.searchsorted(tp, thr, side="left")
     thresholds = np.concatenate([[np.inf], thr])

@@ -234,8 +234,8 @@ def save_checkpoint(
 ) -> None:
     """Write {"state_dict", "meta"} atomically. `meta` (JSON-like: str/int/float/bool/None,
     lists, dicts; e.g. params_json, epoch) is stored alongside the architecture keys, which
-    take precedence."""
-    full_meta = {**dict(meta or {}), **_model_meta(model)}
+    take precedence, and the training settings (`with_settings`)."""
+    full_meta = with_settings({**dict(meta or {}), **_model_meta(model)}, model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         # Saving to a file object keeps the temp file's name out of the archive, so the same
@@ -258,6 +258,62 @@ def _read_checkpoint(path: str | Path, kind: str) -> tuple[Mapping[str, Any], di
             f"{path}: checkpoint holds a {meta.get('kind')!r} model, expected {kind!r}"
         )
     return obj["state_dict"], meta
+
+
+# -- the settings a checkpoint carries --------------------------------------------------------
+# Like torchvision weights carry their transforms, every checkpoint records the preprocessing
+# it was trained with, meta["settings"]: flat dotted keys named like the params they come from
+# (tile.mpp, tile.size_px, extractor.crop_px, featuremap.*), the input normalisation
+# (normalization.mean/std) and, for a U-Net, its config (unet.*). `predict` runs a model with
+# these; the training stages instead check their params against the checkpoint
+# (`checkpoint_mismatches`). A checkpoint without them (older schema) is refused by predict.
+SETTINGS_VERSION = 1
+SETTINGS_FROM_PARAMS = ("tile.mpp", "tile.size_px", "extractor.crop_px", "featuremap.mode",
+                        "featuremap.size", "featuremap.per_lump")
+
+
+def training_settings(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a model trained under `sections` (params sections as dicts, e.g.
+    `params.model_dump(mode="json")` or a checkpoint's params_json): the SETTINGS_FROM_PARAMS
+    keys those sections hold, and the input normalisation every extractor is fed."""
+    out: dict[str, Any] = {"settings_version": SETTINGS_VERSION}
+    for key in SETTINGS_FROM_PARAMS:
+        section, name = key.split(".")
+        if isinstance(sections.get(section), Mapping) and name in sections[section]:
+            out[key] = sections[section][name]
+    mean, std = extractor_input_normalization()
+    out["normalization.mean"], out["normalization.std"] = list(mean), list(std)
+    return out
+
+
+def with_settings(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """`meta` with "settings": as given (e2e keeps its source's), else from the params the
+    trainer recorded (meta["params_json"]); a U-Net's config is added from the model."""
+    settings = meta.get("settings")
+    if not isinstance(settings, Mapping):
+        try:
+            sections = json.loads(meta.get("params_json") or "{}")
+        except (TypeError, ValueError):
+            sections = {}
+        settings = training_settings(sections if isinstance(sections, Mapping) else {})
+    settings = dict(settings)
+    if isinstance(model, UNet):
+        settings.update({f"unet.{k}": v for k, v in model.config().items()})
+    return {**meta, "settings": settings}
+
+
+def checkpoint_settings(meta: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The settings `path` was trained with; ModelError (one line) for a checkpoint written
+    before they were recorded, or by a newer version of the pipeline."""
+    settings = meta.get("settings")
+    if not isinstance(settings, Mapping) or "settings_version" not in settings:
+        raise ModelError(f"{path}: checkpoint of an older schema: it does not record the "
+                         "settings it was trained with (tile mpp/size, crop, feature map); "
+                         "retrain it with this version of the pipeline")
+    if int(settings["settings_version"]) > SETTINGS_VERSION:
+        raise ModelError(f"{path}: checkpoint settings version {settings['settings_version']} "
+                         f"is newer than this pipeline's ({SETTINGS_VERSION}); update it")
+    return dict(settings)
 
 
 # What an extractor checkpoint must agree on with the params it is used under: the architecture

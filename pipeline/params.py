@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML
 
 from pipeline.errors import PipelineError
@@ -47,12 +47,20 @@ class TileParams(_Section):
     mpp: float = Field(1.0, gt=0)
     fallback_level: int = Field(0, ge=0)
     fallback_mpp: float | None = Field(None, gt=0)
+    mpp_range_um: tuple[float, float] = (0.05, 20.0)
     min_tissue: float = Field(0.8, ge=0, le=1)
     mask_mpp: float = Field(8.0, gt=0)
     min_object_um2: float = Field(20000.0, ge=0)
     max_hole_um2: float = Field(5000.0, ge=0)
     workers: int = Field(2, ge=1)
     cache_pixels: bool = False
+
+    @field_validator("mpp_range_um")
+    @classmethod
+    def _range_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] < v[1]):
+            raise ValueError("need 0 < low < high um/px")
+        return v
 
 
 class LabelParams(_Section):

@@ -1,11 +1,13 @@
 """The segmentation model on whole-slide feature maps: loading a slide's features onto its
 map(s), training the U-Net, and predicting every tile. Shared by train-unet, the frozen-feature
-baseline, e2e-finetune, evaluate and predict, so the placement and prediction code exists once.
+baseline, e2e-finetune, evaluate and predict, so the placement and prediction code exists once;
+`train_and_predict` is the whole of Separate Learning's step 2 (train-unet, train-frozen).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,13 @@ from pipeline.featuremap import (
     place,
     random_crop,
 )
-from pipeline.io import atomic_h5, write_json_atomic, write_text_atomic
+from pipeline.io import atomic_h5, sha256_file, write_json_atomic, write_text_atomic
 from pipeline.log import get_logger, progress
+from pipeline.manifest import load_manifest
+from pipeline.models import save_checkpoint, training_settings
 from pipeline.params import Params
-from pipeline.runtime import TrainingError, check_finite
+from pipeline.paths import Paths
+from pipeline.runtime import TrainingError, check_finite, pick_device, seed_everything
 from pipeline.schema import FEATURES, GRID, LABEL, LUMP_ID, TUMOR_PROB
 from pipeline.unet import UNet
 
@@ -215,3 +220,52 @@ def write_curves(path: Path, rows: Sequence[tuple], header: str) -> None:
 
 def write_metrics(path: Path, metrics: dict) -> None:
     write_json_atomic(path, metrics)
+
+
+def train_and_predict(
+    params: Params, paths: Paths, feature_variant: str, method: str, checkpoint: Path,
+    report_name: str, extra_attrs: dict | None = None,
+) -> dict:
+    """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
+    write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
+    slide to data/predictions/<method>/. Returns the metrics plus `seconds` (wall time, which
+    the metrics file leaves out: it would change every run)."""
+    t0 = time.time()
+    seed_everything(params.seed)
+    device = pick_device()
+    manifest = load_manifest(params.data.manifest)
+    maps = {}
+    for row in progress(list(manifest.itertuples()), desc="load maps", unit="slide"):
+        maps[row.slide_id] = load_slide_maps(
+            paths.feature_file(row.slide_id, feature_variant), row.slide_id, params)
+    by_split = {s: [maps[r.slide_id] for r in manifest.itertuples() if r.split == s]
+                for s in ("train", "val", "test")}
+    if not by_split["train"]:
+        raise TrainingError(f"{params.data.manifest}: no train slides for the U-Net")
+    unet, rows, best_epoch = train_unet(by_split["train"], by_split["val"], params, device,
+                                        desc=method)
+    save_checkpoint(checkpoint, unet, {
+        "params_json": params.section_json("seed", "featuremap", "unet"),
+        "feature_variant": feature_variant, "best_epoch": best_epoch,
+        # the maps' scale and layout: the tile/crop of the features and the featuremap params
+        "settings": training_settings(params.model_dump(mode="json")),
+    })
+    sha = sha256_file(checkpoint)
+    off_canvas = {}  # slide -> tissue tiles that fell off its canvas (centered mode)
+    for sid, m in maps.items():
+        prob = predict_tiles(unet, m.features, m.layouts, device)
+        write_predictions(paths.prediction_file(method, sid), prob, method, sid,
+                          params.section_hash("featuremap", "unet"), sha, extra_attrs)
+        if m.n_outside:
+            off_canvas[sid] = m.n_outside
+    write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
+    metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
+               "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
+               "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
+               "tiles_off_canvas_by_slide": off_canvas}
+    write_metrics(paths.reports / f"{report_name}.json", metrics)
+    seconds = round(time.time() - t0, 3)
+    log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
+             len(maps), paths.prediction_file(method, "x").parent, paths.reports / report_name,
+             seconds)
+    return {**metrics, "seconds": seconds}

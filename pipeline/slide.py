@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -18,6 +19,9 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.log import get_logger
 from pipeline.tiffread import TiledTiffLevels
+
+if TYPE_CHECKING:
+    from pipeline.params import TileParams
 
 log = get_logger("pipeline.slide")
 
@@ -28,6 +32,13 @@ READER_ENV = "PIPELINE_SLIDE_READER"
 # A level whose downsample is within this relative tolerance of the wanted one is used as exact
 # (scanners store e.g. 4.0002 instead of 4).
 LEVEL_TOLERANCE = 0.02
+
+# Level-0 mpp outside this range is a metadata error, not a slide (params: tile.mpp_range_um).
+# Scanners write ~0.1-1 um/px; TIFF writers that default to 72 dpi give 352.8 um/px.
+DEFAULT_MPP_RANGE_UM = (0.05, 20.0)
+# mpp-x and mpp-y may differ by this relative amount (rounding in scanner metadata is far below
+# it); more means non-square pixels, which one square tile grid cannot represent.
+MPP_XY_TOLERANCE = 0.01
 
 
 class SlideError(PipelineError):
@@ -79,15 +90,10 @@ class Slide:
         self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         props = self._osr.properties
-        mpp = None
-        try:
-            mx = float(props.get("openslide.mpp-x", "nan"))
-            my = float(props.get("openslide.mpp-y", "nan"))
-            if math.isfinite(mx) and mx > 0:
-                mpp = (mx + my) / 2 if math.isfinite(my) and my > 0 else mx
-        except ValueError:
-            mpp = None
-        self.mpp: float | None = mpp
+        mpp, self.mpp_x, self.mpp_y = None, _positive(props, "x"), _positive(props, "y")
+        if self.mpp_x is not None:
+            mpp = (self.mpp_x + self.mpp_y) / 2 if self.mpp_y is not None else self.mpp_x
+        self.mpp: float | None = mpp  # as in the metadata; tile_geometry checks it
         self.vendor: str = props.get("openslide.vendor", "unknown")
         self._tiff: TiledTiffLevels | None = None
         self._tiff_off = os.environ.get(READER_ENV, "auto") == "openslide"  # for good once off
@@ -117,22 +123,67 @@ class Slide:
                 best = i
         return best
 
+    def metadata_mpp_problem(self, mpp_range_um: tuple[float, float] = DEFAULT_MPP_RANGE_UM
+                             ) -> str | None:
+        """Why the metadata mpp cannot be used (non-square pixels, implausible value), or None
+        (usable, or absent)."""
+        mx, my = self.mpp_x, self.mpp_y
+        if mx is not None and my is not None and abs(mx - my) > MPP_XY_TOLERANCE * min(mx, my):
+            return (f"non-square pixels in the metadata: mpp-x {mx:g} vs mpp-y {my:g} um/px "
+                    f"(differ by more than {MPP_XY_TOLERANCE:.0%})")
+        lo, hi = mpp_range_um
+        if self.mpp is not None and not lo <= self.mpp <= hi:
+            return (f"mpp {self.mpp:g} um/px in the metadata is outside the plausible range "
+                    f"{lo:g}-{hi:g} um/px (tile.mpp_range_um)")
+        return None
+
+    def level0_mpp(self, fallback_mpp: float | None = None,
+                   mpp_range_um: tuple[float, float] = DEFAULT_MPP_RANGE_UM
+                   ) -> tuple[float | None, str]:
+        """(level-0 mpp, source: metadata | fallback_mpp | unknown). Metadata that fails
+        `metadata_mpp_problem` is replaced by `fallback_mpp` with a warning, or raises
+        SlideError saying what to do: never a tile grid at an absurd scale."""
+        problem = self.metadata_mpp_problem(mpp_range_um)
+        if self.mpp is not None and problem is None:
+            return self.mpp, "metadata"
+        if fallback_mpp is None:
+            if problem is None:
+                return None, "unknown"
+            raise SlideError(f"{self.path}: {problem}; fix the slide's resolution metadata or set "
+                             "tile.fallback_mpp (predict: --mpp) to its true level-0 um/px")
+        lo, hi = mpp_range_um
+        if not lo <= fallback_mpp <= hi:
+            raise SlideError(f"{self.path}: tile.fallback_mpp (predict: --mpp) {fallback_mpp:g} "
+                             f"um/px is outside the plausible range {lo:g}-{hi:g} um/px "
+                             "(tile.mpp_range_um); give the slide's true level-0 um/px")
+        if problem is not None:
+            log.warning("%s: %s; using tile.fallback_mpp (predict: --mpp) = %g um/px instead",
+                        self.path, problem, fallback_mpp)
+        return float(fallback_mpp), "fallback_mpp"
+
     def tile_geometry(
         self,
         tile_size_px: int,
         target_mpp: float,
         fallback_level: int = 0,
         fallback_mpp: float | None = None,
+        mpp_range_um: tuple[float, float] = DEFAULT_MPP_RANGE_UM,
     ) -> TileGeometry:
-        mpp, source = self.mpp, "metadata"
-        if mpp is None and fallback_mpp is not None:
-            mpp, source = float(fallback_mpp), "fallback_mpp"
+        """How tiles of `tile_size_px` at `target_mpp` are read; raises SlideError (one line,
+        naming the slide) when the mpp is implausible or a tile would cover < 1 level-0 px."""
+        mpp, source = self.level0_mpp(fallback_mpp, mpp_range_um)
         if mpp is None:
             level = min(fallback_level, len(self.level_downsamples) - 1)
             ds = self.level_downsamples[level]
             return TileGeometry(level, ds, tile_size_px, tile_size_px, tile_size_px * ds,
                                 math.nan, math.nan, "unknown")
         want = target_mpp / mpp  # level-0 px per output px
+        if tile_size_px * want < 1:
+            raise SlideError(
+                f"{self.path}: a {tile_size_px} px tile at tile.mpp {target_mpp:g} um/px covers "
+                f"{tile_size_px * want:.3g} level-0 px of this {mpp:g} um/px slide ({source}), "
+                "less than one pixel; fix the slide's mpp (metadata or tile.fallback_mpp) or "
+                "raise tile.mpp")
         level = self.best_level(want)
         ds = self.level_downsamples[level]
         if abs(ds - want) <= LEVEL_TOLERANCE * want:
@@ -225,6 +276,22 @@ class Slide:
         if (out_w, out_h) != (lw, lh):
             arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BOX))
         return arr, self.dimensions[0] / out_w
+
+
+def tile_geometry_for(slide: Slide, tp: TileParams) -> TileGeometry:
+    """`slide.tile_geometry` with the tile.* params: the one call the tile stage and predict's
+    up-front slide check share, so both accept and reject the same slides."""
+    return slide.tile_geometry(tp.size_px, tp.mpp, tp.fallback_level, tp.fallback_mpp,
+                               tuple(tp.mpp_range_um))
+
+
+def _positive(props, axis: str) -> float | None:
+    """openslide.mpp-<axis> as a positive finite float, else None (absent or garbage)."""
+    try:
+        v = float(props.get(f"openslide.mpp-{axis}", "nan"))
+    except ValueError:
+        return None
+    return v if math.isfinite(v) and v > 0 else None
 
 
 # File signatures, to say what a file OpenSlide rejects actually is.

@@ -175,7 +175,7 @@ def test_skip_reports_each_bad_slide_completes_the_rest_and_resumes_after_the_fi
 
     summary = tile_stage.run(params, paths, on_error="skip")
     assert summary["tiled"] == ["good"] and set(summary["failed"]) == set(bad)
-    fails = pd.read_csv(paths.reports / "tiles_failures.csv").set_index("slide_id")
+    fails = pd.read_csv(paths.reports / "tile_failures.csv").set_index("slide_id")
     assert sorted(fails.index) == sorted(bad)
     for kind, path in bad.items():
         cause = BAD_SLIDES[kind][1] if kind in BAD_SLIDES else "no tissue found"
@@ -194,7 +194,7 @@ def test_skip_reports_each_bad_slide_completes_the_rest_and_resumes_after_the_fi
     assert summary["n_current"] == 1 and summary["n_failed"] == 0
     assert sorted(summary["tiled"]) == sorted(bad)
     assert paths.tile_file("good").stat().st_mtime_ns == good_mtime
-    assert pd.read_csv(paths.reports / "tiles_failures.csv").empty
+    assert pd.read_csv(paths.reports / "tile_failures.csv").empty
     assert len(pd.read_csv(paths.reports / "tiles.csv")) == len(rows)
 
 
@@ -596,7 +596,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 def test_extract_features_refuses_a_checkpoint_trained_under_other_params(train_project,
                                                                           tmp_path):
-    from pipeline.stages import extract_features
+    from pipeline import extraction as extract_features
 
     params, paths = train_project
     raw = params.model_dump(mode="json")

@@ -388,3 +388,120 @@ def test_detections_from_grid():
     labels = np.zeros((4, 4), np.int32)
     labels[2:, 2:] = 1
     assert froc({"s": d}, {"s": (labels, set())})["n_detected_lesions"] == 1
+
+
+# ------------------------------------------------------- FROC: the official script's corners
+# Both examples are issue 11's; `_official_style_score` above re-implements the official
+# Python/Evaluation_FROC.py from its description (lesion scores start at 0, strict >, sweep over
+# all distinct values but the lowest, (0, 0) appended, np.interp on the reversed curve).
+
+
+def test_froc_drops_the_lowest_threshold_like_the_official_script():
+    # tumor slide: 2 non-ITC lesions hit at 0.9 and 0.2; normal slide: FPs at 0.5, 0.6, 0.7.
+    # Official thresholds 0.5, 0.6, 0.7, 0.9 (0.2 dropped): sensitivity 1/2 at every FP rate.
+    labels = np.zeros((10, 10), np.int32)
+    labels[1:3, 1:3] = 1
+    labels[6:8, 6:8] = 2
+    masks = {"tumor": (labels, set()), "normal": None}
+    dets = {"tumor": np.array([[1.5, 1.5, 0.9], [6.5, 6.5, 0.2]]),
+            "normal": np.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.6], [2.5, 0.5, 0.7]])}
+    r = froc(dets, masks)
+    assert r["score"] == pytest.approx(0.5)  # keeping 0.2 gave 0.75
+    assert r["score"] == pytest.approx(_official_style_score(dets, masks))
+    np.testing.assert_allclose(r["thresholds"], [np.inf, 0.9, 0.7, 0.6, 0.5])
+    np.testing.assert_allclose(r["fps_per_slide"], [0, 0, 0.5, 1.0, 1.5])
+    np.testing.assert_allclose(r["sensitivity"], [0, 0.5, 0.5, 0.5, 0.5])
+    assert r["n_detected_lesions"] == 2 and r["n_fp_total"] == 3
+
+
+def test_froc_lesion_hit_only_at_probability_zero_is_not_detected():
+    labels = np.zeros((10, 10), np.int32)
+    labels[1:3, 1:3] = 1
+    labels[6:8, 6:8] = 2
+    masks = {"tumor": (labels, set()), "normal": None}
+    # lesion 1 hit only at p = 0 (twice), lesion 2 at 0.8; one FP at 0.3
+    dets = {"tumor": np.array([[1.5, 1.5, 0.0], [2.5, 2.5, 0.0], [6.5, 6.5, 0.8]]),
+            "normal": np.array([[0.5, 0.5, 0.3]])}
+    r = froc(dets, masks)
+    assert r["n_detected_lesions"] == 1
+    assert max(r["sensitivity"]) == pytest.approx(0.5)  # counting the 0 hit reached 1.0
+    assert r["score"] == pytest.approx(0.5)
+    assert r["score"] == pytest.approx(_official_style_score(dets, masks))
+    with pytest.raises(MetricsError, match="negative probability"):
+        froc({"tumor": np.array([[1.5, 1.5, -0.1]])}, masks)
+
+
+def _official_curve(dets, masks):
+    """(FP rate, sensitivity) of the official computeFROC, reversed to increasing FP rate."""
+    fps, tps, n_tumors = [], [], 0
+    for slide, mask in masks.items():
+        d = dets.get(slide, np.zeros((0, 3)))
+        if mask is None:
+            fps += list(d[:, 2])
+            continue
+        labels, itc = mask
+        best = [0.0] * int(labels.max())
+        for x, y, p in d:
+            lab = int(labels[int(y), int(x)])
+            if lab == 0:
+                fps.append(p)
+            elif lab not in itc and p > best[lab - 1]:
+                best[lab - 1] = p
+        tps += best
+        n_tumors += int(labels.max()) - len(itc)
+    probs = sorted(set(fps + tps))
+    tot_fp = [sum(f >= t for f in fps) for t in probs[1:]] + [0]
+    tot_tp = [sum(v >= t for v in tps) for t in probs[1:]] + [0]
+    return (np.array(tot_fp) / len(masks))[::-1], (np.array(tot_tp) / n_tumors)[::-1]
+
+
+def _lesions_hit_only_at_zero(det, mask) -> bool:
+    labels, itc = mask
+    best: dict[int, float] = {}
+    for x, y, p in det:
+        lab = int(labels[int(y), int(x)])
+        if lab and lab not in itc:
+            best[lab] = max(best.get(lab, 0.0), p)
+    hit = {int(labels[int(y), int(x)]) for x, y, _ in det} - {0} - set(itc)
+    return any(best[lab] == 0 for lab in hit)
+
+
+def test_froc_equals_the_official_algorithm_on_random_cases():
+    rng = np.random.default_rng(11)
+    n_all_found_no_itc = n_zero_only = 0
+    for _ in range(200):
+        masks, dets = {}, {}
+        for s in range(int(rng.integers(1, 5))):
+            if s == 0 or rng.random() < 0.6:  # at least one tumor slide
+                labels = np.zeros((30, 30), np.int32)
+                n = int(rng.integers(1, 4))
+                for k in range(n):  # disjoint lesions in separate 10-px bands
+                    r0, c0 = 10 * k + int(rng.integers(0, 5)), int(rng.integers(0, 25))
+                    labels[r0:r0 + 4, c0:c0 + 4] = k + 1
+                itc = {k + 1 for k in range(n) if rng.random() < 0.2}
+                masks[f"s{s}"] = (labels, itc)
+                rr, cc = np.nonzero(labels)
+                pick = rng.integers(0, rr.size, int(rng.integers(0, 6)))
+                xy = np.column_stack([cc[pick] + 0.5, rr[pick] + 0.5])
+            else:
+                masks[f"s{s}"] = None
+                xy = np.zeros((0, 2))
+            xy = np.vstack([xy, rng.uniform(0, 30, (int(rng.integers(0, 5)), 2))])
+            # ties and zeros on purpose, plus continuous values
+            p = np.where(rng.random(len(xy)) < 0.6,
+                         rng.choice([0.0, 0.2, 0.5, 0.9], len(xy)), rng.random(len(xy)))
+            dets[f"s{s}"] = np.column_stack([xy, p])
+        r = froc(dets, masks)
+        if r["n_lesions"] == 0:
+            assert math.isnan(r["score"])
+            continue
+        ref_fp, ref_sens = _official_curve(dets, masks)
+        np.testing.assert_allclose(r["fps_per_slide"], ref_fp)
+        np.testing.assert_allclose(r["sensitivity"], ref_sens)
+        assert r["score"] == pytest.approx(_official_style_score(dets, masks), abs=1e-12)
+        n_all_found_no_itc += (r["n_detected_lesions"] == r["n_lesions"]
+                               and r["n_itc_lesions"] == 0)
+        n_zero_only += any(_lesions_hit_only_at_zero(dets.get(sl, np.zeros((0, 3))), m)
+                           for sl, m in masks.items() if m is not None)
+    # both corners occurred (each changed the score before the fix)
+    assert n_all_found_no_itc >= 10 and n_zero_only >= 10

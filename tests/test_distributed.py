@@ -372,8 +372,8 @@ def _val_loss(model: nn.Module, params: Params, paths: Paths) -> tuple[float, in
 @pytest.mark.slow
 def test_torchrun_two_processes_run_the_stages(project):
     from pipeline.e2e import e2e_slide_step as slide_step
+    from pipeline.extraction import extract_all
     from pipeline.stages.e2e_finetune import loader_chunks, pixel_fn, step_seed
-    from pipeline.stages.extract_features import extract_all
 
     root, params = project
     paths = Paths(root)

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline import extraction
 from pipeline.augment import eval_transform, normalize_only
 from pipeline.featuremap import build_layouts, place
 from pipeline.models import build_extractor, save_checkpoint
@@ -107,11 +108,11 @@ def test_loader_batches_are_the_eval_transform_bit_for_bit(
     slide = synthetic_slide_factory()
     params, paths = _project(tmp_path, write_manifest, slide.path)
     index = read_tile_index(paths.tile_file("s1"))
-    loader = extract_features.slides_loader([paths.tile_file("s1")], CROP, workers=0,
+    loader = extraction.slides_loader([paths.tile_file("s1")], CROP, workers=0,
                                             batch_size=7)
     x, rows = next(iter(loader))
     assert x.dtype == torch.uint8 and tuple(x.shape) == (7, CROP, CROP, 3)
-    got = extract_features.model_input(x, torch.device("cpu"), normalize_only())
+    got = extraction.model_input(x, torch.device("cpu"), normalize_only())
     assert got.is_contiguous() and tuple(got.shape) == (7, 3, CROP, CROP)
     with Slide(slide.path) as s:
         for b, i in enumerate(rows.tolist()):
@@ -119,7 +120,7 @@ def test_loader_batches_are_the_eval_transform_bit_for_bit(
             want = eval_transform(CROP)(px.permute(2, 0, 1))
             assert torch.equal(got[b], want), f"tile {i}"
     # the check can fail: a crop one pixel off is not equal
-    shifted = extract_features.model_input(torch.roll(x, 1, dims=1), torch.device("cpu"),
+    shifted = extraction.model_input(torch.roll(x, 1, dims=1), torch.device("cpu"),
                                            normalize_only())
     assert not torch.equal(shifted, got)
 
@@ -147,13 +148,13 @@ def test_slides_split_over_loaders_give_the_same_features(
         return out
 
     groups = []
-    real = extract_features._loader_groups
-    monkeypatch.setattr(extract_features, "_loader_groups",
+    real = extraction._loader_groups
+    monkeypatch.setattr(extraction, "_loader_groups",
                         lambda *a: (groups.append(g) or (g, i) for g, i in real(*a)))
     extract_features.run(params, paths)
     one_loader = features()
     assert groups == [["s1", "s2", "s3"]]
-    monkeypatch.setattr(extract_features, "TILES_PER_LOADER", 1)  # one slide per loader
+    monkeypatch.setattr(extraction, "TILES_PER_LOADER", 1)  # one slide per loader
     groups.clear()
     for sid in ("s1", "s2", "s3"):
         paths.feature_file(sid).unlink()
@@ -182,9 +183,9 @@ def test_infer_slides_yields_every_slide_in_order_including_empty_ones(monkeypat
                 for a in range(0, len(px), batch):
                     yield px[a:a + batch], torch.arange(a, min(a + batch, len(px)))
 
-    monkeypatch.setattr(extract_features, "slides_loader", lambda *a, **k: FakeLoader())
-    monkeypatch.setattr(extract_features, "BATCH_SIZE", batch)
-    out = list(extract_features.infer_slides(model, ["a", "b", "c", "d"], CROP,
+    monkeypatch.setattr(extraction, "slides_loader", lambda *a, **k: FakeLoader())
+    monkeypatch.setattr(extraction, "BATCH_SIZE", batch)
+    out = list(extraction.infer_slides(model, ["a", "b", "c", "d"], CROP,
                                              torch.device("cpu"), 0))
     assert [k for k, _, _ in out] == [0, 1, 2, 3]
     assert [len(f) for _, f, _ in out] == sizes
@@ -192,7 +193,7 @@ def test_infer_slides_yields_every_slide_in_order_including_empty_ones(monkeypat
         for (_, feats, probs), px in zip(out, pixels, strict=True):
             if len(px) == 0:
                 continue
-            x = extract_features.model_input(px, torch.device("cpu"), normalize_only())
+            x = extraction.model_input(px, torch.device("cpu"), normalize_only())
             f = model.features(x)
             np.testing.assert_allclose(feats, f.numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(probs, torch.softmax(model.head(f), 1)[:, 1].numpy(),

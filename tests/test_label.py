@@ -19,17 +19,18 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import schema
+from pipeline import labeling, schema
 from pipeline.annotations import (
     AnnotationError,
     Polygon,
     write_asap_xml,
     write_qupath_geojson,
 )
+from pipeline.labeling import LabelError, assign_labels, label_slide, tile_raster
 from pipeline.params import DataParams, LabelParams, Params, TileParams
 from pipeline.paths import Paths
 from pipeline.stages import label as label_stage
-from pipeline.stages.label import LabelError, assign_labels, label_slide, run, tile_raster
+from pipeline.stages.label import run
 from pipeline.tiff import write_pyramidal_tiff
 
 T, N, X = schema.LABEL_TUMOR, schema.LABEL_NORMAL, schema.LABEL_NOLABEL
@@ -133,7 +134,7 @@ def test_explicit_normal_regions_80_vs_79_percent(tmp_path):
 
 def test_exclusions_count_as_explicit_normal():
     from pipeline.annotations import Annotation
-    from pipeline.stages.label import tile_fractions
+    from pipeline.labeling import tile_fractions
 
     ann = Annotation(path="x", format="asap_xml", tumor=[Polygon(rect(0, 0, 100, 100))],
                      exclusion=[Polygon(rect(0, 0, 100, 30))],
@@ -255,7 +256,7 @@ def test_assign_labels_boundaries():
 def test_banded_raster_equals_one_band(tmp_path):
     # many bands of one tile row each must give the same fractions as one band
     from pipeline.annotations import read_annotation
-    from pipeline.stages.label import tile_fractions
+    from pipeline.labeling import tile_fractions
 
     ann = tmp_path / "a.geojson"
     write_qupath_geojson(ann, [Polygon(np.array([[13, 7], [391, 45], [260, 388], [31, 300]]),
@@ -309,7 +310,7 @@ def test_stage_end_to_end_csv_counts_and_rerun(tmp_path):
     params, paths = build_project(tmp_path)
     summary = run(params, paths, workers=2)
     df = pd.read_csv(tmp_path / "reports" / "labels.csv")
-    assert list(df.columns) == list(label_stage.CSV_COLUMNS)
+    assert list(df.columns) == list(labeling.CSV_COLUMNS)
     assert df.to_dict("records") == EXPECTED_CSV
     assert summary["n_labelled"] == 3 and summary["n_current"] == 0 and summary["n_failed"] == 0
     assert (summary["n_tiles"], summary["n_tumor"], summary["n_normal"],

@@ -31,12 +31,14 @@ from pipeline import schema
 from pipeline.annotations import read_annotation
 from pipeline.augment import eval_transform
 from pipeline.cli import app, main
-from pipeline.models import build_extractor, save_checkpoint
+from pipeline.labeling import assign_labels, tile_fractions, tile_raster
+from pipeline.models import build_extractor, save_checkpoint, training_settings
 from pipeline.params import Params
 from pipeline.paths import Paths
+from pipeline.predict import export, infer
+from pipeline.predict import slide as predict_slide
 from pipeline.slide import Slide
 from pipeline.stages import predict
-from pipeline.stages.label import assign_labels, tile_fractions, tile_raster
 from pipeline.tiff import write_pyramidal_tiff
 from pipeline.unet import UNet
 from pipeline.vectorize import (
@@ -170,7 +172,7 @@ def test_written_regions_rasterise_back_to_the_predicted_tiles(tmp_path, pitch):
         coords = np.rint(grid[:, ::-1] * pitch).astype(np.int64)  # as the tile stage does
         heat = np.where(tumor, 0.9, 0.1).astype(np.float32)
         gj, xml = tmp_path / f"{k}.geojson", tmp_path / f"{k}.xml"
-        lesions, _ = predict.write_regions(gj, xml, tumor, heat, pitch, pitch * 0.5,
+        lesions, _ = export.write_regions(gj, xml, tumor, heat, pitch, pitch * 0.5,
                                            np.zeros(2))
         expected = tumor[grid[:, 0], grid[:, 1]]
         for path in (gj, xml):
@@ -181,7 +183,7 @@ def test_written_regions_rasterise_back_to_the_predicted_tiles(tmp_path, pitch):
 def test_no_predicted_tumor_writes_empty_files_our_readers_accept(tmp_path):
     tumor = np.zeros((3, 4), bool)
     gj, xml = tmp_path / "e.geojson", tmp_path / "e.xml"
-    lesions, shapes = predict.write_regions(gj, xml, tumor, np.full((3, 4), 0.1, np.float32),
+    lesions, shapes = export.write_regions(gj, xml, tumor, np.full((3, 4), 0.1, np.float32),
                                             256.0, 128.0, np.zeros(2))
     assert lesions == [] and shapes == []
     for path in (gj, xml):
@@ -220,22 +222,28 @@ def slides(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    """Untrained small models: extractor (8-d features) + U-Net (depth 2), and perturbed e2e
-    copies (different sha256)."""
-    d = tmp_path_factory.mktemp("predict_models")
+def save_models(d: Path, params: Params, unet_params: Params | None = None) -> Path:
+    """Untrained small models recording the settings of `params` (the U-Net: `unet_params`):
+    extractor (8-d features) + U-Net (depth 2), and perturbed e2e copies (other sha256)."""
+    d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     ext = build_extractor("small_cnn", feature_dim=8)
     unet = UNet(in_channels=8, depth=2, width=4)
-    save_checkpoint(d / "extractor.pt", ext)
-    save_checkpoint(d / "unet.pt", unet)
+    meta = {"settings": training_settings(params.model_dump(mode="json"))}
+    unet_meta = {"settings": training_settings((unet_params or params).model_dump(mode="json"))}
+    save_checkpoint(d / "extractor.pt", ext, meta)
+    save_checkpoint(d / "unet.pt", unet, unet_meta)
     with torch.no_grad():
         ext.feature.bias.add_(0.01)
         unet.head.bias.add_(0.01)
-    save_checkpoint(d / "e2e_extractor.pt", ext)
-    save_checkpoint(d / "e2e_unet.pt", unet)
+    save_checkpoint(d / "e2e_extractor.pt", ext, meta)
+    save_checkpoint(d / "e2e_unet.pt", unet, unet_meta)
     return d
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return save_models(tmp_path_factory.mktemp("predict_models"), _params())
 
 
 def _params(**featuremap) -> Params:
@@ -262,11 +270,11 @@ def _pattern_probs(models, index, params, workers):
     heat[1, 1] = 0.5  # ring corner: >= threshold 0.5 counts
     heat[6, 6] = 0.7  # the diagonal tile of region 1
     heat[2, 8] = 0.49  # below threshold
-    return predict.TileProbs(heat[index.grid[:, 0], index.grid[:, 1]], None)
+    return infer.TileProbs(heat[index.grid[:, 0], index.grid[:, 1]], None)
 
 
 def test_known_pattern_end_to_end(tmp_path, slides, models_dir, monkeypatch):
-    monkeypatch.setattr(predict, "predict_tile_probs", _pattern_probs)
+    monkeypatch.setattr(predict_slide, "predict_tile_probs", _pattern_probs)
     out = tmp_path / "out"
     args = ["predict", str(slides["a"]), "--out", str(out), "--models", str(models_dir),
             "--params", str(_params_file(tmp_path, _params()))]
@@ -330,8 +338,9 @@ def test_real_models_auto_picks_e2e_switches_to_full_and_classifier_matches(
         tmp_path, slides, models_dir):
     # canvas 4 x 4 < the 8 x 8 tissue tiles: centered would drop tiles -> mode full
     params = _params(size=4)
+    small_canvas = save_models(tmp_path / "m4", params)
     s = predict.run(params, Paths(root=tmp_path), [slides["a"], slides["b"]], tmp_path / "o",
-                    models_dir=models_dir)
+                    models_dir=small_canvas)
     assert s["method"] == "e2e" and s["n_predicted"] == 2 and s["n_failed"] == 0
     summ = json.loads((tmp_path / "o/slide_a/slide_a.summary.json").read_text())
     assert summ["featuremap_mode"] == "full" and summ["n_unpredicted"] == 0
@@ -372,7 +381,7 @@ def test_method_resolution(tmp_path, models_dir):
 
 def test_skip_mode_completes_good_slides_and_lists_bad_ones(tmp_path, slides, models_dir,
                                                             monkeypatch):
-    monkeypatch.setattr(predict, "predict_tile_probs", _pattern_probs)
+    monkeypatch.setattr(predict_slide, "predict_tile_probs", _pattern_probs)
     out = tmp_path / "out"
     res = CliRunner().invoke(app, [
         "predict", str(slides["corrupt"]), str(slides["a"]), str(slides["folder"]),
@@ -380,9 +389,10 @@ def test_skip_mode_completes_good_slides_and_lists_bad_ones(tmp_path, slides, mo
         "--params", str(_params_file(tmp_path, _params()))])
     assert res.exit_code == 0, res.output
     assert (out / "slide_a" / "slide_a.summary.json").is_file()
-    fails = pd.read_csv(out / "failures.csv")
-    assert sorted(fails["slide"]) == sorted([str(slides["corrupt"]), str(slides["folder"])])
-    msgs = dict(zip(fails["slide"], fails["error"], strict=True))
+    fails = pd.read_csv(out / "predict_failures.csv")
+    assert sorted(fails["slide_path"]) == sorted([str(slides["corrupt"]), str(slides["folder"])])
+    assert sorted(fails["slide_id"]) == ["corrupt", "folder"]
+    msgs = dict(zip(fails["slide_path"], fails["error"], strict=True))
     # the slide reader's own one-line cause, after the path
     assert msgs[str(slides["corrupt"])].startswith(f"{slides['corrupt']}: ")
     assert len(msgs[str(slides["corrupt"])]) > len(str(slides["corrupt"])) + 10
@@ -410,7 +420,7 @@ def test_fail_mode_exits_nonzero_with_one_line_naming_the_file(tmp_path, slides,
 
 def test_slide_without_mpp_uses_the_mpp_option_else_reports_unknown_sizes(
         tmp_path, slides, models_dir, monkeypatch):
-    monkeypatch.setattr(predict, "predict_tile_probs", _pattern_probs)
+    monkeypatch.setattr(predict_slide, "predict_tile_probs", _pattern_probs)
     params = _params()
     s = predict.run(params, Paths(root=tmp_path), [slides["nompp"]], tmp_path / "o",
                     models_dir=models_dir, mpp=1.0)
@@ -461,3 +471,70 @@ def test_worker_errors_are_reduced_to_their_original_line():
     one = predict._one_line(exc, Path("/s/a.tiff"))
     assert one == "/s/a.tiff: read_region failed at (0, 0): bad"
     assert predict._one_line(ValueError("boom"), Path("/s/b.tiff")) == "/s/b.tiff: ValueError: boom"
+
+
+# -- models carry their settings -----------------------------------------------------------------
+
+
+def _half_mpp_slide(tmp_path: Path) -> Path:
+    """The usual tissue square on a 0.5 um/px slide: 64 level-0 px tiles at 0.5 um/px."""
+    path = tmp_path / "slide_half.tiff"
+    write_pyramidal_tiff(path, _slide_rgb(3), mpp=0.5, n_levels=2)
+    return path
+
+
+def _at_mpp(params: Params, mpp: float) -> Params:
+    return params.model_copy(update={"tile": params.tile.model_copy(update={"mpp": mpp})})
+
+
+def test_models_run_at_their_training_mpp_whatever_the_params_say(tmp_path, caplog):
+    """A model trained at 0.5 um/px run with params saying 1.0 (the demo's) predicts at 0.5."""
+    models = save_models(tmp_path / "m", _at_mpp(_params(), 0.5))
+    demo = _at_mpp(_params(), 1.0)
+    with caplog.at_level("INFO", logger="pipeline.predict"):
+        s = predict.run(demo, Paths(root=tmp_path), [_half_mpp_slide(tmp_path)],
+                        tmp_path / "o", models_dir=models)
+    assert s["settings"]["tile.mpp"] == 0.5
+    summ = json.loads((tmp_path / "o/slide_half/slide_half.summary.json").read_text())
+    assert summ["tile_mpp"] == 0.5 and summ["tile_size_px_level0"] == 64.0
+    assert summ["n_tiles"] == 64  # at 1.0 um/px it would be 16 tiles of 128 level-0 px
+    assert "tile.mpp is 1.0 in the params but the models were trained with 0.5" in caplog.text
+
+
+def test_a_flag_contradicting_the_models_is_an_error_naming_both_values(tmp_path, slides):
+    models = save_models(tmp_path / "m", _at_mpp(_params(), 0.5))
+    args = ["predict", str(slides["a"]), "--out", str(tmp_path / "o"), "--models", str(models),
+            "--params", str(_params_file(tmp_path, _params()))]
+    res = CliRunner().invoke(app, [*args, "--tile-mpp", "1.0"])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, predict.PredictError)
+    assert str(res.exception) == ("--tile-mpp 1.0 but the models were trained with tile.mpp "
+                                  "0.5")
+    with pytest.raises(predict.PredictError, match="--featuremap-size 16 but the models were "
+                       "trained with featuremap.size 8"):
+        predict.run(_params(), Paths(root=tmp_path), [slides["a"]], tmp_path / "o",
+                    models_dir=models, flags={"--featuremap-size": 16})
+    # a flag that agrees is fine
+    s = predict.run(_params(), Paths(root=tmp_path), [slides["a"]], tmp_path / "o",
+                    models_dir=models, method="classifier", flags={"--tile-mpp": 0.5})
+    assert s["n_predicted"] == 1
+
+
+def test_a_checkpoint_without_settings_is_a_one_line_error(tmp_path, slides):
+    d = save_models(tmp_path / "m", _params())
+    ckpt = torch.load(d / "extractor.pt", weights_only=True)
+    del ckpt["meta"]["settings"]  # what every checkpoint looked like before settings
+    torch.save(ckpt, d / "extractor.pt")
+    with pytest.raises(Exception, match=r"extractor.pt: checkpoint of an older schema: it does "
+                       r"not record the settings") as err:
+        predict.run(_params(), Paths(root=tmp_path), [slides["a"]], tmp_path / "o",
+                    models_dir=d, method="classifier")
+    assert "\n" not in str(err.value)
+
+
+def test_extractor_and_unet_trained_at_different_scales_are_refused(tmp_path, slides):
+    d = save_models(tmp_path / "m", _params(), unet_params=_at_mpp(_params(), 2.0))
+    with pytest.raises(predict.PredictError, match=r"unet.pt was trained on features of tile.mpp "
+                       r"2.0, .*extractor.pt on 1.0"):
+        predict.run(_params(), Paths(root=tmp_path), [slides["a"]], tmp_path / "o",
+                    models_dir=d, method="separate")

@@ -1,7 +1,13 @@
-"""Kill-and-resume: a stage killed with SIGKILL mid-run and rerun leaves the slides it finished
-untouched (same bytes, same mtime), completes the others, and ends with exactly the outputs of
-an uninterrupted run; temp files a killed writer leaves are never read as outputs and are
-removed by the rerun.
+"""Kill-and-resume of the per-slide runner (pipeline/runner.py, which tile, label,
+extract-features and predict share): a stage killed with SIGKILL mid-run and rerun leaves the
+slides it finished untouched (same bytes, same mtime), completes the others, and ends with
+exactly the outputs of an uninterrupted run; temp files a killed writer leaves are never read
+as outputs and are removed by the rerun.
+
+Resuming rests on what the runner's stages share: every output written by pipeline/io.py's
+atomic helpers and stamped with a params hash, and the stage's "is current" check before the
+runner is handed the slides to do. It is exercised through tile (several outputs per slide,
+slide fingerprints) and label (a content hash of its inputs).
 
 The killed run is the real CLI (`python -m pipeline <stage>` in a temp project, tile.workers: 1
 so slides finish one at a time); the rerun goes through the stage's run() in-process (the same

@@ -20,13 +20,9 @@ from pipeline.io import h5_is_current
 from pipeline.paths import Paths
 from pipeline.schema import TILE_ATTRS
 from pipeline.slide import Slide, SlideError
-from pipeline.stages.tile import (
-    NoTissueError,
-    TileIndexError,
-    grid_positions,
-    read_tile_index,
-    run,
-)
+from pipeline.stages.tile import run
+from pipeline.tileindex import TileIndexError, read_tile_index
+from pipeline.tiling import NoTissueError, grid_positions
 from pipeline.tissue import SATURATION_FLOOR, box_fractions, compute_tissue_mask
 
 # tile params matching the synthetic slide: 128 px tiles at 0.5 um/px, mask at 8 um/px
@@ -224,7 +220,7 @@ def test_no_tissue_fails_naming_the_slide_and_skip_completes_others(
     assert summary["n_failed"] == 1 and list(summary["failed"]) == ["blank"]
     assert summary["tiled"] == ["good"] and paths.tile_file("good").is_file()
     assert not paths.tile_file("blank").exists()
-    fails = pd.read_csv(paths.reports / "tiles_failures.csv")
+    fails = pd.read_csv(paths.reports / "tile_failures.csv")
     assert fails["slide_id"].tolist() == ["blank"] and "no tissue" in fails.loc[0, "error"]
     assert pd.read_csv(paths.reports / "tiles.csv")["slide_id"].tolist() == ["good"]
 
@@ -244,7 +240,7 @@ def test_unreadable_file_is_a_one_line_error_naming_the_path(tmp_path, write_man
 
 
 def test_bad_on_error_value_is_rejected(tmp_path, write_manifest, synthetic_slide):
-    with pytest.raises(PipelineError, match="on_error"):
+    with pytest.raises(PipelineError, match="--on-error must be one of stop, skip"):
         _tile(tmp_path, write_manifest, [("s1", synthetic_slide)], on_error="ignore")
 
 

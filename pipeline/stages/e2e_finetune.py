@@ -48,6 +48,7 @@ from pipeline.distributed import (
     shard,
 )
 from pipeline.e2e import ChunkSource, chunk_indices, e2e_slide_step
+from pipeline.extraction import extract_all
 from pipeline.featuremap import MapLayout
 from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
@@ -63,7 +64,6 @@ from pipeline.segment import (
     write_metrics,
     write_predictions,
 )
-from pipeline.stages.extract_features import extract_all
 
 log = get_logger("pipeline.e2e_finetune")
 STAGE = "e2e-finetune"

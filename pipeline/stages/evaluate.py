@@ -56,8 +56,7 @@ from pipeline.manifest import load_manifest
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.schema import LABEL, LABEL_NOLABEL, LABEL_TUMOR, METHODS, TUMOR_FRACTION, TUMOR_PROB
-from pipeline.stages.tile import read_tile_index
-from pipeline.tileindex import attr_value
+from pipeline.tileindex import attr_value, read_tile_index
 
 log = get_logger("pipeline.evaluate")
 STAGE = "evaluate"

@@ -1,19 +1,9 @@
-"""Stage `tile`: tissue mask + non-overlapping tile grid per slide -> data/tiles/<slide_id>.h5.
+"""Stage `tile`: tissue mask + non-overlapping tile grid per manifest slide ->
+data/tiles/<slide_id>.h5 and reports/tiles/<slide_id>.png (the core: pipeline/tiling.py).
 
-Per slide (see pipeline/schema.py for the file format):
-- tile geometry from `Slide.tile_geometry` (pyramid level, read size, grid pitch in level-0 px);
-  a slide without mpp metadata falls back to `tile.fallback_mpp` / `tile.fallback_level` with a
-  warning naming it;
-- Otsu tissue mask on an overview at `tile.mask_mpp` (pipeline/tissue.py);
-- grid: origin level-0 (0, 0), pitch p = tile_size_px_level0, tile (row, col) at level-0
-  (round(col * p), round(row * p)), only whole tiles (floor(W / p) x floor(H / p)); a tile is
-  kept when its tissue area fraction is >= `tile.min_tissue` (and > 0);
-- lump_id: the 8-connected tissue component covering most of the tile, renumbered 1..K over the
-  kept tiles (in raster order of the components' first pixel).
-
-Also writes reports/tiles/<slide_id>.png (overview, tissue outline in blue, kept tiles in green),
-reports/tiles.csv (one row per manifest slide whose output is current), with
-`on_error="skip"` reports/tiles_failures.csv, and (unsharded) reports/timings/tile.json.
+Also writes reports/tiles.csv (one row per manifest slide whose output is current), with
+`--on-error skip` reports/tile_failures.csv (pipeline/runner.py), and (unsharded)
+reports/timings/tile.json.
 
 Resuming: every output is written to a temp sibling and renamed, so a killed run leaves complete
 outputs or none; a rerun skips slides whose outputs are current and removes the temp files a
@@ -24,398 +14,143 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import typer
-from PIL import Image, ImageDraw
 
-from pipeline.errors import PipelineError
-from pipeline.io import (
-    atomic_h5,
-    atomic_path,
-    h5_is_current,
-    remove_stale_temps,
-    write_timings,
-)
-from pipeline.log import get_logger, progress
+from pipeline.io import atomic_path, h5_is_current, remove_stale_temps, write_timings
+from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
-from pipeline.schema import (
-    COORDS,
-    GRID,
-    LUMP_ID,
-    SCHEMA_VERSION,
-    TILE_ATTRS,
-    TILE_DTYPES,
-    TISSUE_FRACTION,
-)
+from pipeline.runner import failures_file, finish, on_error_mode, run_slides, selected
 from pipeline.sharding import parse_shard
-from pipeline.slide import Slide, TileGeometry, slide_fingerprint
-from pipeline.tileindex import TileIndex, TileIndexError, read_tile_index  # noqa: F401 (re-exported)
-from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
+from pipeline.tileindex import read_tile_index
+from pipeline.tiling import (
+    csv_row,
+    fingerprint_or_unreadable,
+    index_current,
+    thumb_file,
+    tile_or_cache,
+)
 
 log = get_logger("pipeline.tile")
 
-# mpp unknown: the mask is read at the coarsest level whose shorter side is at least this...
-MIN_MASK_SIDE_PX = 512
-# ...and that still has at least this many mask pixels across one tile.
-MIN_MASK_PX_PER_TILE = 4
-THUMB_MAX_PX = 2048  # longest side of reports/tiles/<id>.png
-TISSUE_RGB = (0, 90, 255)
-TILE_RGB = (0, 170, 0)
 # Only what the outputs are: the CSV is git-tracked (dvc.yaml cache: false), so a rerun with the
 # same slides and params must leave it byte-identical. What a run did (seconds, tiled vs
 # current) goes to the log and reports/timings/tile.json.
 CSV_COLUMNS = ["slide_id", "n_tiles", "grid_rows", "grid_cols", "mpp", "mpp_source", "level",
                "tile_mpp"]
 STAGE = "tile"
-ON_ERROR = ("fail", "skip")
 
 
-class NoTissueError(PipelineError):
-    """A slide yields no tile: no tissue found, or every tile below `tile.min_tissue`."""
-
-
-# -- one slide ---------------------------------------------------------------------------------
-
-
-def grid_positions(
-    width_px_level0: int, height_px_level0: int, pitch_px_level0: float
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """All whole tiles of the grid in row-major order: (grid (M, 2) row/col, coords (M, 2)
-    level-0 x/y, grid_rows, grid_cols)."""
-    rows = int(math.floor(height_px_level0 / pitch_px_level0))
-    cols = int(math.floor(width_px_level0 / pitch_px_level0))
-    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    grid = np.stack([rr.ravel(), cc.ravel()], axis=1)
-    # np.rint rounds half to even, like Python's round()
-    coords = np.rint(grid[:, ::-1] * pitch_px_level0).astype(np.int64)
-    return grid, coords, rows, cols
-
-
-def _mask_downsample(slide: Slide, geom: TileGeometry, tp) -> tuple[float, float]:
-    """(requested level-0 px per mask px, level-0 um per px assumed for the clean-up areas)."""
-    if math.isfinite(geom.mpp):
-        return max(1.0, tp.mask_mpp / geom.mpp), geom.mpp
-    # mpp unknown: the coarsest level that is neither tiny nor coarser than a quarter tile.
-    # Clean-up areas assume the user's intent: the fallback level is at tile.mpp.
-    ds = 1.0
-    for (lw, lh), d in zip(slide.level_dimensions, slide.level_downsamples, strict=True):
-        if min(lw, lh) >= MIN_MASK_SIDE_PX and d <= geom.tile_size_px_level0 / MIN_MASK_PX_PER_TILE:
-            ds = max(ds, d)
-    return ds, tp.mpp / geom.level_downsample
-
-
-def _thumbnail(rgb: np.ndarray, tm: TissueMask, coords: np.ndarray, pitch: float) -> np.ndarray:
-    """Overview with the tissue outline and the kept tiles' outlines drawn."""
-    from skimage.segmentation import find_boundaries
-
-    scale = max(1, math.ceil(max(rgb.shape[:2]) / THUMB_MAX_PX))
-    img = np.array(Image.fromarray(rgb).reduce(scale)) if scale > 1 else rgb.copy()
-    edge = find_boundaries(tm.mask, mode="inner")[::scale, ::scale][: img.shape[0], : img.shape[1]]
-    img[edge] = TISSUE_RGB
-    sx, sy = tm.downsample_x * scale, tm.downsample_y * scale
-    # PIL draws the outlines in C (skimage's rectangle_perimeter per tile took 0.2 ms each: 2.3 s
-    # for a level-0 CAMELYON grid); the same pixels: the ring just outside each tile's box.
-    pil = Image.fromarray(img)
-    draw = ImageDraw.Draw(pil)
-    for x, y in coords:
-        r0, c0 = round(y / sy), round(x / sx)
-        r1, c1 = round((y + pitch) / sy - 1), round((x + pitch) / sx - 1)
-        draw.rectangle((c0 - 1, r0 - 1, c1 + 1, r1 + 1), outline=TILE_RGB)
-    return np.asarray(pil)
-
-
-def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Paths) -> dict:
-    """Tile one slide and write its tile index and thumbnail; returns its reports/tiles.csv row.
-    Raises NoTissueError / SlideError naming the slide when it yields no tile."""
-    t0 = time.perf_counter()
-    tp = params.tile
-    slide_path = Path(slide_path).resolve()
-    with Slide(slide_path) as slide:
-        geom = slide.tile_geometry(tp.size_px, tp.mpp, tp.fallback_level, tp.fallback_mpp)
-        if geom.mpp_source == "fallback_mpp":
-            log.warning("slide %s (%s): no mpp in metadata; assuming tile.fallback_mpp = %g um/px",
-                        slide_id, slide_path, geom.mpp)
-        elif geom.mpp_source == "unknown":
-            log.warning("slide %s (%s): no mpp in metadata and tile.fallback_mpp unset; tiling "
-                        "pyramid level %d (tile.fallback_level) with tile mpp unknown",
-                        slide_id, slide_path, geom.level)
-        elif geom.read_size_px < geom.tile_size_px:
-            log.warning("slide %s: tile.mpp %g is finer than the slide's %g um/px; tiles are "
-                        "upsampled", slide_id, tp.mpp, geom.mpp)
-        width, height = slide.dimensions
-        pitch = geom.tile_size_px_level0
-        grid, coords, rows, cols = grid_positions(width, height, pitch)
-        if grid.shape[0] == 0:
-            raise NoTissueError(f"slide {slide_id} ({slide_path}): {width}x{height} px is smaller "
-                                f"than one tile ({pitch:.1f} level-0 px)")
-        ds_req, mpp_for_areas = _mask_downsample(slide, geom, tp)
-        rgb, ds_x = slide.low_res_image(ds_req)
-    ds_y = height / rgb.shape[0]
-    tm = compute_tissue_mask(rgb, ds_x, ds_y, ds_x * mpp_for_areas, tp.min_object_um2,
-                             tp.max_hole_um2)
-    frac = tm.box_fractions(coords[:, 0], coords[:, 1], pitch)
-    keep = (frac >= tp.min_tissue) & (frac > 0)
-    if not keep.any():
-        cause = ("no tissue found" if tm.n_components == 0
-                 else f"no tile has tissue fraction >= {tp.min_tissue:g} (best {frac.max():.2f})")
-        raise NoTissueError(
-            f"slide {slide_id} ({slide_path}): {cause} (Otsu threshold {tm.threshold:.3f} on "
-            f"{COLOUR_SPACE}, raw {tm.otsu_threshold:.3f}; {int(keep.sum())} of {frac.size} tiles "
-            f">= {tp.min_tissue:g} tissue)"
-        )
-    grid, coords, frac = grid[keep], coords[keep], frac[keep]
-    component = tm.box_majority_labels(coords[:, 0], coords[:, 1], pitch)
-    if (component == 0).any():  # cannot happen: frac > 0 means some mask pixel is covered
-        raise RuntimeError(f"slide {slide_id}: kept tile without a tissue component")
-    _, lump = np.unique(component, return_inverse=True)
-    lump = lump.reshape(-1) + 1
-    n_lumps = int(lump.max())
-
-    attrs = {
-        "schema_version": SCHEMA_VERSION,
-        "params_hash": params.section_hash("tile"),
-        "params_json": params.section_json("tile"),
-        "slide_id": slide_id,
-        "slide_path": paths.recorded(slide_path, paths.tile_file(slide_id).parent),
-        "slide_fingerprint": slide_fingerprint(slide_path),
-        "slide_width_px_level0": int(width),
-        "slide_height_px_level0": int(height),
-        "mpp": float(geom.mpp),
-        "mpp_source": geom.mpp_source,
-        "tile_mpp": float(geom.tile_mpp),
-        "level": int(geom.level),
-        "level_downsample": float(geom.level_downsample),
-        "read_size_px": int(geom.read_size_px),
-        "tile_size_px": int(geom.tile_size_px),
-        "tile_size_px_level0": float(pitch),
-        "grid_rows": rows,
-        "grid_cols": cols,
-        "n_lumps": n_lumps,
-    }
-    assert set(attrs) == set(TILE_ATTRS)
-    out = paths.tile_file(slide_id)
-    arrays = {COORDS: coords, GRID: grid, TISSUE_FRACTION: frac, LUMP_ID: lump}
-    with atomic_h5(out) as f:
-        for name, dtype in TILE_DTYPES.items():
-            f.create_dataset(name, data=np.asarray(arrays[name], dtype=dtype))
-        for k in TILE_ATTRS:
-            f.attrs[k] = attrs[k]
-    png = _thumb_file(paths, slide_id)
-    with atomic_path(png) as tmp:
-        Image.fromarray(_thumbnail(rgb, tm, coords, pitch)).save(tmp, format="PNG")
-    if tp.cache_pixels:
-        _write_cache(out, paths.pixel_cache_file(slide_id))
-    seconds = time.perf_counter() - t0
-    log.info("slide %s: %d tiles, %d lumps (grid %dx%d, level %d, read %d px, tile %.3g um/px, "
-             "mask threshold %.3f) -> %s (%.1f s)", slide_id, len(coords), n_lumps, rows, cols,
-             geom.level, geom.read_size_px, geom.tile_mpp, tm.threshold, out, seconds)
-    return _row(attrs, len(coords), seconds, "tiled")
-
-
-def _write_cache(tile_index: Path, cache: Path) -> None:
-    from pipeline.data import write_pixel_cache  # heavy (reads every tile); only when asked
-
-    write_pixel_cache(tile_index, cache)
-
-
-def _thumb_file(paths: Paths, slide_id: str) -> Path:
-    return paths.reports / "tiles" / f"{slide_id}.png"
-
-
-def _row(attrs: dict, n_tiles: int, seconds: float, status: str) -> dict:
-    return {"slide_id": attrs["slide_id"], "n_tiles": n_tiles, "grid_rows": attrs["grid_rows"],
-            "grid_cols": attrs["grid_cols"], "mpp": attrs["mpp"], "mpp_source": attrs["mpp_source"],
-            "level": attrs["level"], "tile_mpp": attrs["tile_mpp"], "seconds": seconds,
-            "status": status}
-
-
-def _work(slide_id: str, slide_path: str, params: Params, paths: Paths,
-          index_current: bool) -> dict:
-    """Worker entry: the full slide, or only the pixel cache when the index is current."""
-    if index_current:
-        t0 = time.perf_counter()
-        out = paths.tile_file(slide_id)
-        _write_cache(out, paths.pixel_cache_file(slide_id))
-        idx = read_tile_index(out)
-        return _row(idx.attrs, idx.n_tiles, time.perf_counter() - t0, "cached")
-    return tile_slide(slide_id, slide_path, params, paths)
-
-
-# -- the stage ---------------------------------------------------------------------------------
-
-
-def _fingerprint(slide_path: str) -> str:
-    try:
-        return slide_fingerprint(slide_path)
-    except OSError:
-        return "unreadable"
-
-
-def _index_current(paths: Paths, slide_id: str, slide_path: str, params_hash: str) -> bool:
-    try:
-        fingerprint = slide_fingerprint(slide_path)
-    except OSError:
-        return False  # unreadable: let tile_slide raise the proper error
-    out = paths.tile_file(slide_id)
-    return h5_is_current(out, params_hash, slide_path=paths.recorded(slide_path, out.parent),
-                         slide_fingerprint=fingerprint)
-
-
-def run(
-    params: Params,
-    paths: Paths,
-    on_error: str = "fail",
-    shard: tuple[int, int] | None = None,
-    workers: int | None = None,
-) -> dict:
-    """Tile every manifest slide (or shard i of n: slides whose manifest index % n == i) whose
-    output is missing or stale; returns a summary dict.
-
-    on_error="fail" raises the first slide's error; "skip" logs it, lists it in
-    reports/tiles_failures.csv (tiles_failures.<i>of<n>.csv for a shard) and the summary, and
-    completes the other slides.
-    """
-    t_start = time.perf_counter()
-    if on_error not in ON_ERROR:
-        raise PipelineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if shard is not None:
-        i, n = shard
-        if not (n >= 1 and 0 <= i < n):
-            raise PipelineError(f"shard {i}/{n}: need 0 <= i < n")
-    manifest_path = paths.root / params.data.manifest
-    manifest = load_manifest(manifest_path)
-    log.info("read manifest %s (%d slides)", manifest_path, len(manifest))
-    ids = manifest["slide_id"].tolist()
-    slide_paths = dict(zip(ids, manifest["slide_path"], strict=True))
-    selected = [s for k, s in enumerate(ids) if shard is None or k % shard[1] == shard[0]]
-    if shard is not None:
-        log.info("shard %d/%d: %d slides", shard[0], shard[1], len(selected))
-
-    # A killed run (SIGKILL, OOM, node loss) can leave `.<output>.XXXXXXXX.tmp` files; they are
-    # never read as outputs, but would pile up. Only this run's slides' temps are removed (a
-    # concurrent shard's live temps are not ours); the shared CSVs' only on an unsharded run.
-    own = [f(sid) for sid in selected
-           for f in (paths.tile_file, paths.pixel_cache_file, lambda s: _thumb_file(paths, s))]
+def _remove_stale(paths: Paths, slide_ids: list[str], shard: tuple[int, int] | None) -> None:
+    """A killed run (SIGKILL, OOM, node loss) can leave `.<output>.XXXXXXXX.tmp` files; they are
+    never read as outputs, but would pile up. Only this run's slides' temps are removed (a
+    concurrent shard's live temps are not ours); the shared CSVs' only on an unsharded run."""
+    own = [f(sid) for sid in slide_ids
+           for f in (paths.tile_file, paths.pixel_cache_file, lambda s: thumb_file(paths, s))]
     if shard is None:
-        own += [paths.reports / "tiles.csv", paths.reports / "tiles_failures.csv",
+        own += [paths.reports / "tiles.csv", failures_file(paths.reports, STAGE),
                 paths.timings_file(STAGE)]
     stale = remove_stale_temps(own)
     if stale:
         log.warning("removed %d temp file(s) left by a killed run (e.g. %s)", len(stale), stale[0])
 
-    tp = params.tile
-    phash = params.section_hash("tile")
-    jobs: list[tuple[str, bool]] = []  # (slide_id, index_current -> only the pixel cache is due)
-    n_current = 0
-    for sid in selected:
-        current = _index_current(paths, sid, slide_paths[sid], phash)
-        thumb_ok = _thumb_file(paths, sid).is_file()
+
+def _todo(params: Params, paths: Paths, slide_ids: list[str],
+          slide_paths: dict[str, str]) -> list[tuple[str, bool]]:
+    """(slide_id, only the pixel cache is due) for every slide whose outputs are not current."""
+    tp, phash = params.tile, params.section_hash("tile")
+    jobs = []
+    for sid in slide_ids:
+        current = index_current(paths, sid, slide_paths[sid], phash)
+        thumb_ok = thumb_file(paths, sid).is_file()
         cache_ok = not tp.cache_pixels or h5_is_current(
-            paths.pixel_cache_file(sid), phash, slide_fingerprint=_fingerprint(slide_paths[sid]))
-        if current and thumb_ok and cache_ok:
-            n_current += 1
-        else:
+            paths.pixel_cache_file(sid), phash,
+            slide_fingerprint=fingerprint_or_unreadable(slide_paths[sid]))
+        if not (current and thumb_ok and cache_ok):
             jobs.append((sid, current and thumb_ok))
-    log.info("%d slides current, %d to tile", n_current, len(jobs))
+    return jobs
 
-    rows: dict[str, dict] = {}
-    failed: dict[str, str] = {}
 
-    def _failed(sid: str, exc: BaseException) -> None:
-        if on_error == "fail":
-            raise exc
-        if isinstance(exc, PipelineError):
-            log.error("slide %s failed: %s", sid, exc)
-        else:  # a bug or an unexpected library error: keep the traceback
-            log.error("slide %s failed: %s", sid, exc, exc_info=exc)
-        failed[sid] = " ".join(f"{type(exc).__name__}: {exc}".split())
-
-    n_workers = max(1, min(workers or tp.workers, len(jobs)))
-    bar = progress(total=len(jobs), desc="tile", unit="slide")
-    try:
-        if n_workers == 1:
-            for sid, idx_cur in jobs:
-                try:
-                    rows[sid] = _work(sid, slide_paths[sid], params, paths, idx_cur)
-                except Exception as exc:
-                    _failed(sid, exc)
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=n_workers) as ex:
-                pending = {ex.submit(_work, sid, slide_paths[sid], params, paths, c): sid
-                           for sid, c in jobs}
-                try:
-                    while pending:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            sid = pending.pop(fut)
-                            try:
-                                rows[sid] = fut.result()
-                            except Exception as exc:
-                                _failed(sid, exc)
-                            bar.update(1)
-                except BaseException:
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
-
-    # reports/tiles.csv describes every manifest slide whose output is current, so that any run
-    # (a shard too) leaves a complete table of what is on disk; `seconds` only for this run's work
+def _table(params: Params, paths: Paths, ids: list[str], slide_paths: dict[str, str],
+           rows: dict[str, dict], failed: dict[str, str]) -> list[dict]:
+    """reports/tiles.csv describes every manifest slide whose output is current, so that any run
+    (a shard too) leaves a complete table of what is on disk; `seconds` only for this run's
+    work."""
+    phash = params.section_hash("tile")
     table = []
     for sid in ids:
         if sid in rows:
             table.append(rows[sid])
-        elif sid not in failed and _index_current(paths, sid, slide_paths[sid], phash):
+        elif sid not in failed and index_current(paths, sid, slide_paths[sid], phash):
             idx = read_tile_index(paths.tile_file(sid))
-            table.append(_row(idx.attrs, idx.n_tiles, math.nan, "current"))
+            table.append(csv_row(idx.attrs, idx.n_tiles, math.nan, "current"))
+    return table
+
+
+def run(
+    params: Params,
+    paths: Paths,
+    on_error: str = "stop",
+    shard: tuple[int, int] | None = None,
+    workers: int | None = None,
+) -> dict:
+    """Tile every manifest slide (or shard i of n: slides whose manifest index % n == i) whose
+    output is missing or stale; returns a summary dict. `on_error`: see pipeline/runner.py."""
+    t_start = time.perf_counter()
+    on_error = on_error_mode(on_error)
+    manifest_path = paths.root / params.data.manifest
+    manifest = load_manifest(manifest_path)
+    log.info("read manifest %s (%d slides)", manifest_path, len(manifest))
+    ids = manifest["slide_id"].tolist()
+    slide_paths = dict(zip(ids, manifest["slide_path"], strict=True))
+    mine = selected(ids, shard)
+    if shard is not None:
+        log.info("shard %d/%d: %d slides", shard[0], shard[1], len(mine))
+    _remove_stale(paths, mine, shard)
+    jobs = _todo(params, paths, mine, slide_paths)
+    n_current = len(mine) - len(jobs)
+    log.info("%d slides current, %d to tile", n_current, len(jobs))
+    done = run_slides([(sid, tile_or_cache, (sid, slide_paths[sid], params, paths, only_cache))
+                       for sid, only_cache in jobs], on_error,
+                      workers or params.tile.workers, "tile", log)
+    rows, failed = done.results, done.failed
+    table = _table(params, paths, ids, slide_paths, rows, failed)
     csv_path = paths.reports / "tiles.csv"
-    _write_csv(csv_path, pd.DataFrame(table, columns=CSV_COLUMNS))
-    fail_name = ("tiles_failures.csv" if shard is None
-                 else f"tiles_failures.{shard[0]}of{shard[1]}.csv")
-    fail_path = paths.reports / fail_name
-    _write_csv(fail_path, pd.DataFrame(
-        [{"slide_id": s, "slide_path": slide_paths[s], "error": m} for s, m in failed.items()],
-        columns=["slide_id", "slide_path", "error"]))
+    with atomic_path(csv_path) as tmp:
+        pd.DataFrame(table, columns=CSV_COLUMNS).to_csv(tmp, index=False)
+    fail_path = failures_file(paths.reports, STAGE, shard)
     n_tiled = sum(r["status"] == "tiled" for r in rows.values())
     seconds = round(time.perf_counter() - t_start, 3)
     if shard is None:  # array-job shards would overwrite each other's times
         write_timings(paths, STAGE, seconds=seconds, n_tiled=n_tiled, n_current=n_current,
                       slide_seconds={sid: round(float(r["seconds"]), 3)
                                      for sid, r in rows.items()})
-    log.info("wrote %s (%d slides)%s in %.1f s (%d tiled, %d current)", csv_path, len(table),
-             f"; {len(failed)} failed, see {fail_path}" if failed else "", seconds, n_tiled,
-             n_current)
+    log.info("wrote %s (%d slides) in %.1f s (%d tiled, %d current, %d failed)", csv_path,
+             len(table), seconds, n_tiled, n_current, len(failed))
+    finish(done, fail_path, slide_paths, n_current)
     return {
-        "n_slides": len(selected),
+        "n_slides": len(mine),
         "n_tiled": n_tiled,
         "n_current": n_current,
         "n_failed": len(failed),
         "failed": failed,
-        "tiled": [s for s in selected if s in rows],
-        "n_tiles": int(sum(r["n_tiles"] for r in table if r["slide_id"] in set(selected))),
+        "tiled": [s for s in mine if s in rows],
+        "n_tiles": int(sum(r["n_tiles"] for r in table if r["slide_id"] in set(mine))),
         "csv": str(csv_path),
         "failures_csv": str(fail_path),
     }
 
 
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def cli(
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
     on_error: str = typer.Option(
-        "fail", "--on-error",
-        help="fail: stop at the first bad slide; skip: log it, list it in "
-        "reports/tiles_failures.csv and tile the others",
+        "stop", "--on-error",
+        help="stop: stop at the first bad slide; skip: log it, list it in "
+        "reports/tile_failures.csv and tile the others (fails if every slide fails)",
     ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n: only slides whose manifest index % n == i (array jobs)"
@@ -428,7 +163,7 @@ def cli(
 
     Reads the manifest (data.manifest), the slides it lists and params tile.*. Writes
     data/tiles/<slide_id>.h5 (tile coords, grid, tissue fraction, lump id), reports/tiles/
-    <slide_id>.png, reports/tiles.csv (and reports/tiles_failures.csv). Slides whose output is
+    <slide_id>.png, reports/tiles.csv (and reports/tile_failures.csv). Slides whose output is
     current (same tile params) are skipped; stale or damaged ones are rewritten.
     """
     params = load_params(params_file)

@@ -47,6 +47,7 @@ import typer
 from pipeline.augment import eval_transform
 from pipeline.data import slide_loader
 from pipeline.errors import PipelineError
+from pipeline.extraction import BATCH_SIZE, extract_all
 from pipeline.io import write_timings
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
@@ -61,9 +62,7 @@ from pipeline.models import (
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import pick_device
-from pipeline.segment import write_metrics
-from pipeline.stages.extract_features import BATCH_SIZE, extract_all
-from pipeline.stages.train_unet import train_and_predict
+from pipeline.segment import train_and_predict, write_metrics
 from pipeline.tileindex import read_tile_index
 
 log = get_logger("pipeline.train_frozen")

@@ -7,82 +7,24 @@ every tile of every slide (nolabel ones too).
 
 Writes models/unet.pt, reports/train_unet.json (metrics), reports/train_unet.csv (per-epoch),
 data/predictions/separate/<slide>.h5 and reports/timings/train-unet.json (wall time, kept out
-of the metrics). `train_and_predict` also serves the frozen-feature baseline (features from an
-untrained/ImageNet extractor).
+of the metrics). The core, `pipeline.segment.train_and_predict`, also serves the frozen-feature
+baseline (features from an untrained/ImageNet extractor).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
 
-from pipeline.io import sha256_file, write_timings
-from pipeline.log import get_logger, progress
-from pipeline.manifest import load_manifest
-from pipeline.models import save_checkpoint
+from pipeline.io import write_timings
+from pipeline.log import get_logger
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
-from pipeline.runtime import TrainingError, pick_device, seed_everything
-from pipeline.segment import (
-    load_slide_maps,
-    predict_tiles,
-    train_unet,
-    write_curves,
-    write_metrics,
-    write_predictions,
-)
+from pipeline.segment import train_and_predict
 
 log = get_logger("pipeline.train_unet")
 STAGE = "train-unet"
-
-
-def train_and_predict(
-    params: Params, paths: Paths, feature_variant: str, method: str, checkpoint: Path,
-    report_name: str, extra_attrs: dict | None = None,
-) -> dict:
-    """Train a U-Net on paths.feature_file(·, feature_variant) maps, save it to `checkpoint`,
-    write per-epoch curves/metrics under reports/<report_name>.*, and predictions for every
-    slide to data/predictions/<method>/. Returns the metrics plus `seconds` (wall time, which
-    the metrics file leaves out: it would change every run)."""
-    t0 = time.time()
-    seed_everything(params.seed)
-    device = pick_device()
-    manifest = load_manifest(params.data.manifest)
-    maps = {}
-    for row in progress(list(manifest.itertuples()), desc="load maps", unit="slide"):
-        maps[row.slide_id] = load_slide_maps(
-            paths.feature_file(row.slide_id, feature_variant), row.slide_id, params)
-    by_split = {s: [maps[r.slide_id] for r in manifest.itertuples() if r.split == s]
-                for s in ("train", "val", "test")}
-    if not by_split["train"]:
-        raise TrainingError(f"{params.data.manifest}: no train slides for the U-Net")
-    unet, rows, best_epoch = train_unet(by_split["train"], by_split["val"], params, device,
-                                        desc=method)
-    save_checkpoint(checkpoint, unet, {
-        "params_json": params.section_json("seed", "featuremap", "unet"),
-        "feature_variant": feature_variant, "best_epoch": best_epoch,
-    })
-    sha = sha256_file(checkpoint)
-    off_canvas = {}  # slide -> tissue tiles that fell off its canvas (centered mode)
-    for sid, m in maps.items():
-        prob = predict_tiles(unet, m.features, m.layouts, device)
-        write_predictions(paths.prediction_file(method, sid), prob, method, sid,
-                          params.section_hash("featuremap", "unet"), sha, extra_attrs)
-        if m.n_outside:
-            off_canvas[sid] = m.n_outside
-    write_curves(paths.reports / f"{report_name}.csv", rows, "epoch,train_loss,val_loss")
-    metrics = {"best_epoch": best_epoch, "val_loss": rows[best_epoch][2],
-               "train_loss_last": rows[-1][1], "n_train_slides": len(by_split["train"]),
-               "n_val_slides": len(by_split["val"]), "tiles_off_canvas": sum(off_canvas.values()),
-               "tiles_off_canvas_by_slide": off_canvas}
-    write_metrics(paths.reports / f"{report_name}.json", metrics)
-    seconds = round(time.time() - t0, 3)
-    log.info("wrote %s, predictions for %d slides to %s, %s.{json,csv} in %.1f s", checkpoint,
-             len(maps), paths.prediction_file(method, "x").parent, paths.reports / report_name,
-             seconds)
-    return {**metrics, "seconds": seconds}
 
 
 def run(params: Params, paths: Paths) -> dict:
