@@ -168,3 +168,33 @@ def test_nvjpeg_decode_is_close_to_libjpeg_turbo(tmp_path):  # pragma: no cover 
     got = jt.assemble(patches, dev, jt.torchvision_decoder(dev)).cpu()
     want = jt.assemble(patches, CPU, jt.torchvision_decoder(CPU))
     assert (got.int() - want.int()).abs().float().mean() <= jt.DEVICE_MEAN_ABS_TOLERANCE
+
+
+def test_extraction_with_device_decode_equals_cpu_decode_on_cpu(
+    tmp_path, write_manifest, synthetic_slide_factory
+):
+    """The whole extract-features path with decode=device (compressed tiles, CPU libjpeg-turbo
+    in the main process) gives the cpu path's features bit for bit, and really serves tiles."""
+    from pipeline.extraction import infer_slides, slides_loader
+    from pipeline.models import build_extractor
+    from pipeline.params import Params
+    from pipeline.paths import Paths
+    from pipeline.stages import label, tile
+    from tests.conftest import make_params
+
+    slide = synthetic_slide_factory()
+    raw = make_params(write_manifest([("s1", slide.path)]), size_px=128, mpp=0.5, mask_mpp=8.0,
+                      min_object_um2=2000.0, max_hole_um2=1000.0, workers=1
+                      ).model_dump(mode="json")
+    params = Params.model_validate(raw)
+    paths = Paths(root=tmp_path)
+    tile.run(params, paths)
+    label.run(params, paths)
+    tf = paths.tile_file("s1")
+    patches, _ = next(iter(slides_loader([tf], 112, 0, batch_size=8, decode="device")))
+    assert sum(isinstance(p, jt.CompressedPatch) for p in patches) == 8
+    torch.manual_seed(0)
+    model = build_extractor("small_cnn", 16)
+    (_, f_cpu, p_cpu), = infer_slides(model, [tf], 112, CPU, 0)
+    (_, f_dev, p_dev), = infer_slides(model, [tf], 112, CPU, 0, decode="device")
+    assert np.array_equal(f_cpu, f_dev) and np.array_equal(p_cpu, p_dev) and len(f_cpu) > 8
