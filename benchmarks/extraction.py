@@ -123,9 +123,11 @@ def _linked_project(source: Path, root: Path) -> tuple[Params, Paths]:
     return params, Paths(root)
 
 
-def _with_workers(params: Params, workers: int) -> Params:
+def _with_workers(params: Params, workers: int, decode: str | None = None) -> Params:
     raw = params.model_dump(mode="json")
     raw["extractor"]["workers"] = workers
+    if decode is not None:
+        raw["extractor"]["decode"] = decode
     return Params.model_validate(raw)
 
 
@@ -141,15 +143,22 @@ def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
     """Seconds to stream every slide's batches (uint8 crops -> device -> the encoder's
     preprocessing: resize to its input size, normalise) with the stage's loader and no model."""
     from pipeline.augment import normalize_only
+    from pipeline.jpegtiles import torchvision_decoder
 
     sids = list(load_manifest(params.data.manifest)["slide_id"])
     norm = normalize_only(load_extractor(paths.models / "extractor.pt")[0].preprocess)
+    decode = params.extractor.decode
+    decoder = torchvision_decoder(device)
     t0 = time.perf_counter()
     loader = extract_features.slides_loader([paths.tile_file(s) for s in sids],
                                             params.extractor.crop_px, params.extractor.workers,
-                                            batch_size=extract_features.BATCH_SIZE)
+                                            batch_size=extract_features.BATCH_SIZE,
+                                            decode=decode)
     for x, _ in loader:
-        extract_features.model_input(x, device, norm)
+        if decode == "device":
+            extract_features.device_model_input(x, device, norm, decoder)
+        else:
+            extract_features.model_input(x, device, norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -222,6 +231,9 @@ def main() -> None:
     ap.add_argument("--readers", default="auto",
                     help="comma-separated slide readers: auto (direct TIFF tiles where they "
                     "apply) and/or openslide (every read through OpenSlide)")
+    ap.add_argument("--decodes", default="cpu",
+                    help="comma-separated extractor.decode values: cpu (workers decode) and/or "
+                    "device (compressed tiles decoded on the model's device, nvJPEG on CUDA)")
     ap.add_argument("--copies", type=int, default=1,
                     help="list each demo slide this many times (symlinks): a longer run")
     args = ap.parse_args()
@@ -252,23 +264,26 @@ def main() -> None:
                                    params.extractor.amp)
                        for _ in range(args.repeats)]
             model_rate = model_rates[bs] = bs / statistics.median(model_s)
-            for reader in args.readers.split(","):
+            for reader, decode in [(r, d) for r in args.readers.split(",")
+                                   for d in args.decodes.split(",")]:
                 # DataLoader workers fork after this, so they read the slides the same way
                 os.environ[READER_ENV] = reader
                 for w in workers_list:
-                    pw = _with_workers(params, w)
+                    pw = _with_workers(params, w, decode)
                     runs = [_end_to_end(pw, paths) for _ in range(args.repeats)]
                     secs = [s for s, _ in runs]
                     rate = runs[0][1] / statistics.median(secs)
                     data_s = [_data_only(pw, paths, device) for _ in range(args.repeats)]
-                    rows.append({"batch_size": bs, "reader": reader, "workers": w,
+                    rows.append({"batch_size": bs, "reader": reader, "decode": decode,
+                                 "workers": w,
                                  "seconds": secs, "patches_per_s": rate,
                                  "model_only_patches_per_s": model_rate,
                                  "model_only_seconds_per_batch": model_s,
                                  "fraction_of_model_only": rate / model_rate,
                                  "data_only_seconds": data_s,
                                  "data_only_patches_per_s": n_tiles / statistics.median(data_s)})
-                    print(f"batch {bs}, {reader}, {w} workers: model only {model_rate:.0f}/s, "
+                    print(f"batch {bs}, {reader}, decode {decode}, {w} workers: model only "
+                          f"{model_rate:.0f}/s, "
                           f"end to end {rate:.0f}/s, data path only "
                           f"{rows[-1]['data_only_patches_per_s']:.0f}/s", flush=True)
         extract_features.BATCH_SIZE = default_batch
@@ -296,14 +311,15 @@ def main() -> None:
     print(f"\n{len(manifest)} slides, {n_tiles} tiles, {params.extractor.arch} crop "
           f"{params.extractor.crop_px} (model input {input_px or params.extractor.crop_px} px), "
           f"device {device}, {torch.get_num_threads()} torch threads, median of {args.repeats}")
-    print(f"{'path':<44}{'patches/s':>12}{'% of model':>12}")
+    print(f"{'path':<56}{'patches/s':>12}{'% of model':>12}")
     for bs, model_rate in model_rates.items():
-        print(f"{f'model only, batch {bs}':<44}{model_rate:>12.0f}{100.0:>11.0f}%")
+        print(f"{f'model only, batch {bs}':<56}{model_rate:>12.0f}{100.0:>11.0f}%")
         for r in (r for r in rows if r["batch_size"] == bs):
             w, how = r["workers"], "" if r["reader"] == "auto" else f", {r['reader']}"
-            print(f"{f'end to end, batch {bs}, {w} workers{how}':<44}{r['patches_per_s']:>12.0f}"
+            how += "" if r["decode"] == "cpu" else f", {r['decode']} decode"
+            print(f"{f'end to end, batch {bs}, {w} workers{how}':<56}{r['patches_per_s']:>12.0f}"
                   f"{100 * r['fraction_of_model_only']:>11.0f}%")
-            print(f"{f'data path only, batch {bs}, {w} workers{how}':<44}"
+            print(f"{f'data path only, batch {bs}, {w} workers{how}':<56}"
                   f"{r['data_only_patches_per_s']:>12.0f}"
                   f"{100 * r['data_only_patches_per_s'] / model_rate:>11.0f}%")
     best = max(rows, key=lambda r: r["fraction_of_model_only"])

@@ -34,6 +34,13 @@ from pipeline.distributed import barrier, init_if_needed, summary_sum
 from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, h5_is_current, sha256_file
+from pipeline.jpegtiles import (
+    CompressedCentreCrops,
+    Decoder,
+    assemble,
+    collate_patches,
+    torchvision_decoder,
+)
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import PatchClassifier, extractor_expectations, load_extractor
@@ -66,7 +73,9 @@ def feature_params_hash(params: Params, extractor_sha256: str) -> str:
     numbers on a GPU) and the checkpoint; the slide's inputs are checked by inputs_sha256."""
     tile_label = params.section_hash("tile", "label")
     amp = int(params.extractor.amp)
-    return f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}"
+    # decode: device decodes with nvJPEG on CUDA (other pixels); on CPU it is the same bits
+    decode = "" if params.extractor.decode == "cpu" else f"-{params.extractor.decode}"
+    return f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}{decode}"
 
 
 def inputs_sha256(paths: Paths, slide_id: str) -> str:
@@ -123,6 +132,7 @@ class _CentreCrops(SlidePatchDataset):
 def slides_loader(
     tile_files: Sequence[Path | TileIndex], crop_px: int, workers: int,
     pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
+    decode: str = "cpu",
 ) -> DataLoader:
     """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, crop, crop, 3)
     centre crops, tile rows); a batch never spans two slides (`_BatchPlan`). `model_input`
@@ -133,12 +143,19 @@ def slides_loader(
     at every slide's end (a demo slide is ~1.3 batches). Why uint8: the float conversion and
     normalisation run batched on the model's device (`normalize_only`, the same ops as
     eval_transform after its crop, so the same bits), and a uint8 batch is 4x less to move
-    from the workers."""
+    from the workers.
+
+    decode="device": the workers hand over compressed TIFF tiles instead (pipeline/jpegtiles.py;
+    a batch is then a list of patches, see `device_model_input`)."""
     caches = list(pixel_cache_files) if pixel_cache_files is not None else [None] * len(tile_files)
     parts = [_CentreCrops(tf, crop_px, c) for tf, c in zip(tile_files, caches, strict=True)]
+    kw: dict[str, Any] = {}
+    if decode == "device":
+        parts = [CompressedCentreCrops(d, crop_px) for d in parts]
+        kw["collate_fn"] = collate_patches
     return DataLoader(ConcatDataset(parts), batch_sampler=_BatchPlan([len(d) for d in parts],
                                                                      batch_size),
-                      **loader_kwargs(workers, prefetch_factor=4))
+                      **loader_kwargs(workers, prefetch_factor=4), **kw)
 
 
 def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.Tensor:
@@ -152,34 +169,58 @@ def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.
     return norm(x).contiguous(memory_format=fmt)
 
 
+def device_model_input(patches: list, device: torch.device, norm: Callable,
+                       decoder: Decoder) -> torch.Tensor:
+    """A decode="device" batch (compressed patches, some host-decoded) -> the same normalised
+    float (B, 3, H, W) on `device` as `model_input` gives for decode="cpu"."""
+    x = assemble(patches, device, decoder)
+    fmt = memory_format(device)
+    if fmt != torch.contiguous_format:
+        x = x.contiguous(memory_format=fmt)
+    return norm(x).contiguous(memory_format=fmt)
+
+
+def _padded(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """On CUDA a slide's last, partial batch is padded to the full batch size: one input shape
+    for the whole run (cuDNN picks its algorithms once; nothing is re-planned per slide)."""
+    if x.device.type != "cuda" or x.shape[0] == batch_size:
+        return x
+    pad = x.new_zeros((batch_size - x.shape[0], *x.shape[1:]))
+    return torch.cat([x, pad]).contiguous(memory_format=memory_format(x.device))
+
+
 @torch.no_grad()
 def infer_slides(
     model: PatchClassifier, tile_files: Sequence[Path | TileIndex], crop_px: int,
     device: torch.device,
     workers: int, amp: bool = False, pixel_cache_files: Sequence[Path | None] | None = None,
+    decode: str = "cpu",
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) for tile_files[k], in
-    order, each as soon as its last batch is through the model (one `slides_loader`)."""
+    order, each as soon as its last batch is through the model (one `slides_loader`).
+    `decode`: "cpu" (workers decode) or "device" (pipeline/jpegtiles.py)."""
     if not tile_files:  # every slide already current: nothing to stream
         return
     model.eval()
     fmt = memory_format(device)
     model.to(memory_format=fmt)
     batch_size = BATCH_SIZE
-    loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files, batch_size)
+    loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files, batch_size, decode)
     sizes = [len(d) for d in loader.dataset.datasets]
     norm = normalize_only(model.preprocess)  # the encoder's own mean/std (and input size)
+    decoder = torchvision_decoder(device) if decode == "device" else None
     batches = iter(loader)
 
     def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
         for k, n in enumerate(sizes):
             for _ in range(math.ceil(n / batch_size)):
                 x, idx = next(batches)
-                x = model_input(x, device, norm)
+                x = (model_input(x, device, norm) if decoder is None
+                     else device_model_input(x, device, norm, decoder))
                 with autocast(device, amp):
-                    f = model.features(x)
+                    f = model.features(_padded(x, batch_size))
                     logits = model.head(f)
-                f, p = f.float(), torch.softmax(logits.float(), 1)[:, 1]
+                f, p = f[:len(idx)].float(), torch.softmax(logits[:len(idx)].float(), 1)[:, 1]
                 yield k, idx, *_to_host_async(f, p, device)
 
     # Read a batch's results only after the next batch is launched. On a GPU its results are
@@ -365,8 +406,9 @@ class _Extraction:
         amp = self.params.extractor.amp
         caches = [self.paths.pixel_cache_file(sid) if self.params.tile.cache_pixels else None
                   for sid in group]
+        decode = self.params.extractor.decode
         for k, feats, probs in infer_slides(self.model, [index for index, _ in inputs],
-                                            crop_px, self.device, workers, amp, caches):
+                                            crop_px, self.device, workers, amp, caches, decode):
             index, labels = inputs[k]
             _write_features(self.paths.feature_file(group[k], self.variant), group[k], index,
                             labels, feats, probs, self.model, self.params, self.phash, self.sha,

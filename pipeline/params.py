@@ -99,6 +99,7 @@ class ExtractorParams(_Section):
     workers: int = Field(2, ge=0)
     amp: bool = True
     select: Select = "best_val"
+    decode: Literal["cpu", "device"] = "cpu"
 
 
 class FeatureMapParams(_Section):

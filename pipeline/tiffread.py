@@ -48,6 +48,7 @@ class _Level:
     decode: Callable
     jpegtables: bytes | None
     compression: int
+    photometric: int = 2  # TIFF PhotometricInterpretation (2 RGB, 6 YCbCr)
 
 
 class TiledTiffLevels:
@@ -88,6 +89,7 @@ class TiledTiffLevels:
                         # the decoder closes over the page's tags, not the open file
                         decode=page.decode, jpegtables=page.jpegtables,
                         compression=int(page.compression),
+                        photometric=int(page.photometric),
                     )
             if not levels:
                 return None
