@@ -179,3 +179,9 @@ def test_dvc_yaml_tracks_the_weights_for_every_stage_that_builds_an_encoder():
     for name in ("train-extractor", "train-frozen"):
         assert f"models/{PRETRAINED_DIR}" in stages[name]["deps"], name
     assert "extractor.pretrained" in stages["train-frozen"]["params"]
+
+
+def test_fetch_weights_is_a_cli_command():
+    from pipeline.cli import STAGES
+
+    assert STAGES["fetch-weights"] == "fetch_weights"
