@@ -181,7 +181,7 @@ def fit_segmenter(
         prog.rows.append(tuple(row))
         prog.consider(row[2], epoch, ts.models)
         prog.epoch, prog.step = epoch + 1, prog.step + steps
-        ts.save(prog)
+        ts.save(prog, force=epoch == epochs - 1)
     best_epoch = prog.best_epoch if prog.best_epoch >= 0 else len(prog.rows) - 1
     selected = select_weights(prog, select, ts.models)
     log.info("%s: best epoch %d (val loss %.4f); kept epoch %d (select=%s, last train loss "

@@ -34,6 +34,7 @@ from pipeline.paths import Paths
 from pipeline.stages import extract_features
 from pipeline.stages import train_extractor as train_extractor_stage
 from pipeline.trainstate import (
+    EVERY_S_ENV,
     Progress,
     TrainState,
     fingerprint,
@@ -46,6 +47,13 @@ from tests.test_baselines import make_project
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300.0
 POLL_S = 0.005
+
+
+@pytest.fixture(autouse=True)
+def state_every_epoch(monkeypatch):
+    """Write the training state after every epoch (the default waits 60 s between writes), so
+    a kill lands between two known epochs; the CLI runs inherit it through the environment."""
+    monkeypatch.setenv(EVERY_S_ENV, "0")
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +118,19 @@ def test_state_restores_weights_optimizer_and_every_rng(tmp_path):
     assert all(torch.equal(s1[k][n], s2[k][n]) for k in s1 for n in ("exp_avg", "exp_avg_sq"))
     ts2.discard()
     assert not path.exists() and not path.parent.exists()
+
+
+def test_save_waits_every_s_between_writes_except_first_and_forced(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "state.pt"
+    ts = TrainState(path, "fp", {"m": model}, {"o": torch.optim.SGD(model.parameters(), 0.1)},
+                    every_s=3600)
+    assert ts.save(Progress(epoch=1))  # the first one
+    assert not ts.save(Progress(epoch=2))  # within the hour
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert ts.save(Progress(epoch=3), force=True)  # the last epoch
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert TrainState(None, "fp", {}, {}).save(Progress(), force=True) is False
 
 
 def test_other_fingerprint_or_foreign_file_starts_fresh_and_says_why(tmp_path, caplog):
@@ -424,6 +445,7 @@ def _ddp_worker(rank: int, world: int, path: str, port: int, phase: str) -> None
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_state_holds_every_ranks_rngs(tmp_path, caplog):
     import torch.multiprocessing as mp
 

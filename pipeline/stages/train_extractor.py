@@ -205,7 +205,7 @@ def run(params: Params, paths: Paths) -> dict:
         prog.rows.append(row)
         prog.consider(row[3], epoch, ts.models)
         prog.epoch, prog.step = epoch + 1, prog.step + len(train_loader)
-        ts.save(prog)
+        ts.save(prog, force=epoch == p.epochs - 1)
     rows, best_epoch = prog.rows, prog.best_epoch
     selected = select_weights(prog, p.select, ts.models)
     ckpt = paths.models / CHECKPOINT
