@@ -277,6 +277,9 @@ def with_settings(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
             sections = {}
         settings = training_settings(sections if isinstance(sections, Mapping) else {})
     settings = dict(settings)
+    if isinstance(model, PatchClassifier):  # the encoder's own mean/std (timm, torchvision)
+        settings["normalization.mean"] = list(model.preprocess.mean)
+        settings["normalization.std"] = list(model.preprocess.std)
     if isinstance(model, UNet):
         settings.update({f"unet.{k}": v for k, v in model.config().items()})
     return {**meta, "settings": settings}

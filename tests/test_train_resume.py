@@ -485,7 +485,9 @@ def test_dvc_repro_after_sigkill_resumes_the_real_stage(project, tmp_path):
 
     root, params = project
     yaml = YAML()
-    stage = yaml.load((REPO / "dvc.yaml").read_text())["stages"]["train-extractor"]
+    all_stages = yaml.load((REPO / "dvc.yaml").read_text())["stages"]
+    # train-extractor and what makes its models/pretrained input (fetch-weights, offline here)
+    stages = {k: all_stages[k] for k in ("fetch-weights", "train-extractor")}
     runs = {}
     for name in ("reference", "killed"):
         p = tmp_path / name
@@ -494,7 +496,7 @@ def test_dvc_repro_after_sigkill_resumes_the_real_stage(project, tmp_path):
                         ignore=shutil.ignore_patterns("__pycache__"))
         _write_params(p, params, extractor={"epochs": 4, "batch_size": 2, "workers": 0})
         with open(p / "dvc.yaml", "w") as f:
-            yaml.dump({"stages": {"train-extractor": stage}}, f)
+            yaml.dump({"stages": stages}, f)
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"]):
             subprocess.run(cmd, cwd=p, check=True, capture_output=True)
