@@ -360,9 +360,11 @@ def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> 
         val_loss = _val_loss(r) if p.select == "best_val" else float("nan")
         prog.consider(val_loss, epoch, ts.models)  # NaN (select=last) is never the best
         prog.rows.append((epoch, mean_loss, val_loss, int(n_pat), int(n_ref), *moved.values()))
-        log.info("e2e epoch %d: mean slide loss %.5f (val %.5f), %d patches forwarded, %d "
+        log.info("e2e epoch %d: mean slide loss %.5f%s, %d patches forwarded, %d "
                  "re-forwarded; moved: extractor %.4f of weights (rel L2 %.3g), U-Net %.4f "
-                 "(rel L2 %.3g)", epoch, mean_loss, val_loss, n_pat, n_ref, *moved.values())
+                 "(rel L2 %.3g)", epoch, mean_loss,
+                 f" (val {val_loss:.5f})" if p.select == "best_val" else "", n_pat, n_ref,
+                 *moved.values())
         prog.epoch, prog.extra = epoch + 1, {}
         ts.save(prog)
     return prog.rows
