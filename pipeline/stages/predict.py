@@ -28,12 +28,10 @@ from pipeline.errors import PipelineError
 from pipeline.log import get_logger
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
-from pipeline.predict.infer import TileProbs, predict_tile_probs  # noqa: F401 (re-exported)
-from pipeline.predict.models import (  # noqa: F401 (re-exported)
+from pipeline.predict.models import (  # noqa: F401 (load_models, resolve_method re-exported)
     FLAGS,
     METHODS,
     PredictError,
-    PredictModels,
     load_models,
     resolve_method,
     run_params,
