@@ -99,7 +99,7 @@ def _auc_row(m: dict) -> dict:
                               "n_tumor")}
 
 
-def run(source: Path, split: str, downsample: int, seed: int) -> dict:
+def run(source: Path, split: str, downsample: int, seed: int, classifier: bool = True) -> dict:
     t0 = time.perf_counter()
     x_tr, y_tr, _ = split_features(source, "train", downsample)
     x_te, y_te, keys = split_features(source, split, downsample)
@@ -115,14 +115,14 @@ def run(source: Path, split: str, downsample: int, seed: int) -> dict:
         "probe": _auc_row(patch_metrics(y_te, probe.predict_proba(x_te)[:, 1])),
         "probe_train": _auc_row(patch_metrics(y_tr, probe.predict_proba(x_tr)[:, 1])),
     }
-    if (Paths(source).features).is_dir():
+    if classifier and Paths(source).features.is_dir():
         y_cls, p_cls = classifier_probs(source, keys)
         if not np.array_equal(y_cls, y_te):
             raise SystemExit(f"{source}/data/features: labels differ from data/labels; "
                              "rerun extract-features")
         result["classifier"] = _auc_row(patch_metrics(y_cls, p_cls))
     metrics_file = source / "reports" / "metrics.json"
-    if metrics_file.is_file():
+    if classifier and metrics_file.is_file():
         row = json.loads(metrics_file.read_text()).get("patch", {}).get("classifier")
         if row:
             result["metrics_json_classifier"] = _auc_row(row)
@@ -138,8 +138,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="logistic regression random_state")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON output (default <source>/reports/bench/lowres_separability.json)")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="skip the classifier columns (data/features not yet rebuilt)")
     args = ap.parse_args()
-    res = run(args.source, args.split, args.downsample, args.seed)
+    res = run(args.source, args.split, args.downsample, args.seed, not args.probe_only)
     print(f"split {res['split']}: {res['probe']['n']} tiles ({res['probe']['n_tumor']} tumor); "
           f"probe trained on {res['n_train']} train tiles ({res['n_train_tumor']} tumor)")
     print(f"{'model':<44} {'ROC-AUC':>8} {'PR-AUC':>8}")
