@@ -8,14 +8,22 @@ Two layers:
     macro), used by the demo-data stage.
 
 Appearance is built in optical-density space (Beer-Lambert, typical H&E stain vectors), so
-colours mix like stains do. Tumor vs normal differ in nuclear size/density/darkness and stroma
-colour, driven by a "tumor-likeness" field t in [0, 1] computed on a coarse (4 um) grid. Single
-patches are ambiguous on purpose: tumor has paler low-t areas and small normal-looking islands
-(still labelled tumor), normal tissue has small isolated tumor-like clusters (labelled normal)
-and dense lymphoid follicles, so a model that sees the neighbourhood can beat a patch classifier.
+colours mix like stains do. As in real lymph-node metastases, tumor is told from normal tissue
+by what a pathologist sees at ~1 um/px, not by colour at low resolution: normal tissue is dense
+small round dark lymphocytes scattered at random; tumor is cohesive sheets of cells with large,
+pleomorphic, vesicular nuclei (pale centre, dark rim, nucleoli) and eosinophilic cytoplasm. Both
+are drawn over one shared "cellularity" field, and tumor's stains are calibrated per
+cellularity so that the mean and spread of colour over 16-um blocks match (a colour-only probe
+at 1/16 resolution is near chance: benchmarks/lowres_separability.py, docs/demo_data.md). The
+mix of the two cell types follows a "tumor-likeness" field t in [0, 1] on a coarse (4 um)
+grid. Single patches are ambiguous on purpose: tumor has mixed low-t areas and small
+normal-looking islands (still labelled tumor); normal tissue has small isolated tumor-like
+clusters and mildly atypical patches (labelled normal) and lymphoid follicles whose germinal
+centres hold large pale tumor-like nuclei, so a model that sees the neighbourhood can beat a
+patch classifier.
 
-Speed: everything is vectorised; nuclei are stamped offset-by-offset (a loop over stamp pixels,
-never over nuclei), textures are made on the coarse grid and upsampled.
+Speed: everything is vectorised; nuclei and cell bodies are stamped offset-by-offset (a loop
+over stamp pixels, never over nuclei), textures are made on the coarse grid and upsampled.
 """
 
 from __future__ import annotations
