@@ -85,10 +85,10 @@ CELL_RADIUS_UM = (6.0, 7.5)  # tumor cell body (cytoplasm) radius range
 LYMPH_COVERAGE = (0.16, 0.42)  # nuclear area fraction of lymphoid tissue at c = 0 and 1
 LYMPH_OD = 1.15  # haematoxylin OD of a lymphocyte nucleus (x U(0.9, 1.1) per nucleus)
 NORMAL_BG = ((0.16, 0.60), (0.14, 0.50))  # normal background (H, E) OD at c = 0 and c = 1
-TUMOR_OD = (0.92, 1.44)  # mean haematoxylin OD scale of tumor nuclei at c = 0 and 1
-TUMOR_BG = ((0.064, 0.482), (0.126, 0.373))  # tumor background (H, E) OD at c = 0 and c = 1
+TUMOR_OD = (0.891, 1.440)  # mean haematoxylin OD scale of tumor nuclei at c = 0 and 1
+TUMOR_BG = ((0.075, 0.493), (0.125, 0.387))  # tumor background (H, E) OD at c = 0 and c = 1
 TUMOR_CYTO_E = 0.20  # extra eosin OD inside tumor cell bodies
-TUMOR_PATCHINESS = 0.3  # relative nuclear-darkness variation of tumor over ~16 um (nests)
+TUMOR_PATCHINESS = (0.33, 0.22)  # relative tumor nuclear-darkness variation over ~16 um (nests)
 GERMINAL_MIX = 0.35  # follicles: fraction of large pale centroblast-like (tumor-like) nuclei
 
 
@@ -369,12 +369,13 @@ def _stain_lut(h_scale: float, e_scale: float) -> np.ndarray:
     return np.clip(255.0 * np.exp(-od) + 0.5, 0, 255).astype(np.uint8).reshape(-1, 3)
 
 
-def _nucleus_stamp(rng: np.random.Generator, style: NucleusStyle, mpp: float):
-    """One nucleus stamp: (dy, dx, value) per stamp pixel, value ~[0, 1.3] x nuclear OD.
+def _nucleus_stamp(rng: np.random.Generator, style: NucleusStyle, mpp: float, q: float):
+    """One nucleus stamp: (dy, dx, value) per stamp pixel, value ~[0, 1.3] x nuclear OD; its
+    radius is at quantile `q` of style.radius_um.
 
     Solid nuclei (lymphocytes) are uniformly dark with fine grain; vesicular ones (carcinoma)
     have a pale centre, a dark ~1.3 um rim (chromatin on the membrane) and 1-2 nucleoli."""
-    r = rng.uniform(*style.radius_um) / mpp
+    r = (style.radius_um[0] + q * (style.radius_um[1] - style.radius_um[0])) / mpp
     asp = rng.uniform(1.0, style.aspect_max)
     a, b = r * math.sqrt(asp), r / math.sqrt(asp)
     ang = rng.uniform(0, np.pi)
@@ -472,8 +473,11 @@ def _fields(spec: SlideSpec, rng: np.random.Generator, lo_shape: tuple[int, int]
     t = np.clip(np.maximum(t, 0.3 * bumps), 0, 1)  # mildly atypical patches in normal tissue
     fol = ndimage.gaussian_filter(coarse(spec.follicles), 15 / lo_um) * (1 - t)
     # cellularity: the same field under tumor and normal tissue, so it carries no label
-    c = np.clip(0.5 + 0.28 * _smooth_noise(rng, lo_shape, 300 / lo_um)
-                + 0.1 * _smooth_noise(rng, lo_shape, 60 / lo_um), 0, 1)
+    # (the 24-60 um terms vary colour within a tile alike in both types, so what little the
+    # cell arrangements add to the spread of 16 um blocks is lost in it)
+    c = np.clip(0.5 + 0.25 * _smooth_noise(rng, lo_shape, 300 / lo_um)
+                + 0.16 * _smooth_noise(rng, lo_shape, 60 / lo_um)
+                + 0.1 * _smooth_noise(rng, lo_shape, 24 / lo_um), 0, 1)
     tissue_lo = coarse(spec.tissue) > 0.5
     capsule = tissue_lo & ~ndimage.binary_erosion(tissue_lo, iterations=max(1, round(15 / lo_um)))
     # germinal centres: some large pale nuclei among the lymphocytes (a tumor look-alike)
@@ -527,8 +531,10 @@ def _compose(spec: SlideSpec, rng: np.random.Generator, t: np.ndarray, t_nuc: np
     keep = tissue[ty_, tx_] & (u < t_nuc[ty_ // f, tx_ // f])
     ty_, tx_ = ty_[keep], tx_[keep]
 
-    banks = ([_nucleus_stamp(rng, LYMPHOCYTE, mpp) for _ in range(12)],
-             [_nucleus_stamp(rng, CARCINOMA, mpp) for _ in range(24)],
+    # stratified radii: every slide's stamp bank has the same mean nuclear area (the low-res
+    # colour match would otherwise drift by a few grey levels per slide)
+    banks = ([_nucleus_stamp(rng, LYMPHOCYTE, mpp, (k + rng.random()) / 12) for k in range(12)],
+             [_nucleus_stamp(rng, CARCINOMA, mpp, (k + rng.random()) / 24) for k in range(24)],
              [_disc_stamp(rng.uniform(*CELL_RADIUS_UM) / mpp) for _ in range(4)])
     pad = 2 + max(int(np.abs(dy).max()) for bank in banks for dy, _, _ in bank)
     wp = W + 2 * pad
@@ -539,7 +545,7 @@ def _compose(spec: SlideSpec, rng: np.random.Generator, t: np.ndarray, t_nuc: np
     tc = (ty_ + pad) * wp + (tx_ + pad)
     nests = _smooth_noise(rng, lo_shape, 16 / (f * mpp))[ty_ // f, tx_ // f]
     tq = _lerp(TUMOR_OD, c[ty_ // f, tx_ // f]) * rng.uniform(0.75, 1.25, tc.size) \
-        * np.clip(1 + TUMOR_PATCHINESS * nests, 0.2, 2.0)
+        * np.clip(1 + _lerp(TUMOR_PATCHINESS, c[ty_ // f, tx_ // f]) * nests, 0.2, 2.0)
     _stamp_all(rng, nuc, wp, tc, banks[1], (tq * (255 / H_MAX_OD)).astype(np.float32))
     cq = np.full(tc.size, TUMOR_CYTO_E * 255 / E_MAX_OD, np.float32)
     _stamp_all(rng, cyto, wp, tc, banks[2], cq)
