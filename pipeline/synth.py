@@ -87,8 +87,9 @@ LYMPH_OD = 1.15  # haematoxylin OD of a lymphocyte nucleus (x U(0.9, 1.1) per nu
 NORMAL_BG = ((0.16, 0.60), (0.14, 0.50))  # normal background (H, E) OD at c = 0 and c = 1
 TUMOR_OD = (0.891, 1.440)  # mean haematoxylin OD scale of tumor nuclei at c = 0 and 1
 TUMOR_BG = ((0.075, 0.493), (0.125, 0.387))  # tumor background (H, E) OD at c = 0 and c = 1
-TUMOR_CYTO_E = 0.20  # extra eosin OD inside tumor cell bodies
-TUMOR_PATCHINESS = (0.33, 0.22)  # relative tumor nuclear-darkness variation over ~16 um (nests)
+TUMOR_CYTO_E = 0.20  # extra eosin OD inside tumor cell bodies (x U(CYTO_SPREAD) per cell)
+CYTO_SPREAD = (0.3, 1.7)
+TUMOR_PATCHINESS = (0.29, 0.18)  # relative tumor nuclear-darkness variation over ~16 um (nests)
 GERMINAL_MIX = 0.35  # follicles: fraction of large pale centroblast-like (tumor-like) nuclei
 
 
@@ -547,7 +548,7 @@ def _compose(spec: SlideSpec, rng: np.random.Generator, t: np.ndarray, t_nuc: np
     tq = _lerp(TUMOR_OD, c[ty_ // f, tx_ // f]) * rng.uniform(0.75, 1.25, tc.size) \
         * np.clip(1 + _lerp(TUMOR_PATCHINESS, c[ty_ // f, tx_ // f]) * nests, 0.2, 2.0)
     _stamp_all(rng, nuc, wp, tc, banks[1], (tq * (255 / H_MAX_OD)).astype(np.float32))
-    cq = np.full(tc.size, TUMOR_CYTO_E * 255 / E_MAX_OD, np.float32)
+    cq = (TUMOR_CYTO_E * 255 / E_MAX_OD * rng.uniform(*CYTO_SPREAD, tc.size)).astype(np.float32)
     _stamp_all(rng, cyto, wp, tc, banks[2], cq)
     nuc = nuc.reshape(H + 2 * pad, wp)[pad:pad + H, pad:pad + W]
     cyto = cyto.reshape(H + 2 * pad, wp)[pad:pad + H, pad:pad + W]
