@@ -79,9 +79,12 @@ CELL_RADIUS_UM = (6.0, 7.5)  # tumor cell body (cytoplasm) radius range
 # Low-resolution colour is matched by construction: both tissue types are drawn from the SAME
 # cellularity field c in [0, 1] (dense cortex vs pale sinus-like areas, independent of tumor),
 # and at every c the haematoxylin / eosin of tumor (nuclear darkness, cytoplasm, background) is
-# set so its mean colour over 16-um blocks equals that of lymphoid tissue at the same c. The
-# constants below were calibrated on homogeneous patches (tests/test_demo_data.py checks the
-# match); what differs is only visible at ~1 um/px.
+# set so its mean colour over 16-um blocks equals that of lymphoid tissue at the same c; nest
+# darkness and per-cell cytoplasm vary so that the spread of those blocks matches too (a regular
+# sheet of cells varies less from block to block than randomly scattered lymphocytes). The
+# constants were calibrated on homogeneous patches (least squares at c = 0 and 1; see
+# docs/demo_data.md; tests/test_demo_data.py checks the match); what differs is only visible
+# at ~1 um/px.
 LYMPH_COVERAGE = (0.16, 0.42)  # nuclear area fraction of lymphoid tissue at c = 0 and 1
 LYMPH_OD = 1.15  # haematoxylin OD of a lymphocyte nucleus (x U(0.9, 1.1) per nucleus)
 NORMAL_BG = ((0.16, 0.60), (0.14, 0.50))  # normal background (H, E) OD at c = 0 and c = 1
@@ -89,7 +92,7 @@ TUMOR_OD = (0.891, 1.440)  # mean haematoxylin OD scale of tumor nuclei at c = 0
 TUMOR_BG = ((0.075, 0.493), (0.125, 0.387))  # tumor background (H, E) OD at c = 0 and c = 1
 TUMOR_CYTO_E = 0.20  # extra eosin OD inside tumor cell bodies (x U(CYTO_SPREAD) per cell)
 CYTO_SPREAD = (0.3, 1.7)
-TUMOR_PATCHINESS = (0.29, 0.18)  # relative tumor nuclear-darkness variation over ~16 um (nests)
+TUMOR_PATCHINESS = (0.29, 0.18)  # tumor nuclear-darkness variation over ~16 um at c = 0 and 1
 GERMINAL_MIX = 0.35  # follicles: fraction of large pale centroblast-like (tumor-like) nuclei
 
 
