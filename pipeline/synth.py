@@ -8,14 +8,22 @@ Two layers:
     macro), used by the demo-data stage.
 
 Appearance is built in optical-density space (Beer-Lambert, typical H&E stain vectors), so
-colours mix like stains do. Tumor vs normal differ in nuclear size/density/darkness and stroma
-colour, driven by a "tumor-likeness" field t in [0, 1] computed on a coarse (4 um) grid. Single
-patches are ambiguous on purpose: tumor has paler low-t areas and small normal-looking islands
-(still labelled tumor), normal tissue has small isolated tumor-like clusters (labelled normal)
-and dense lymphoid follicles, so a model that sees the neighbourhood can beat a patch classifier.
+colours mix like stains do. As in real lymph-node metastases, tumor is told from normal tissue
+by what a pathologist sees at ~1 um/px, not by colour at low resolution: normal tissue is dense
+small round dark lymphocytes scattered at random; tumor is cohesive sheets of cells with large,
+pleomorphic, vesicular nuclei (pale centre, dark rim, nucleoli) and eosinophilic cytoplasm. Both
+are drawn over one shared "cellularity" field, and tumor's stains are calibrated per
+cellularity so that the mean and spread of colour over 16-um blocks match (a colour-only probe
+at 1/16 resolution is near chance: benchmarks/lowres_separability.py, docs/demo_data.md). The
+mix of the two cell types follows a "tumor-likeness" field t in [0, 1] on a coarse (4 um)
+grid. Single patches are ambiguous on purpose: tumor has mixed low-t areas and small
+normal-looking islands (still labelled tumor); normal tissue has small isolated tumor-like
+clusters and mildly atypical patches (labelled normal) and lymphoid follicles whose germinal
+centres hold large pale tumor-like nuclei, so a model that sees the neighbourhood can beat a
+patch classifier.
 
-Speed: everything is vectorised; nuclei are stamped offset-by-offset (a loop over stamp pixels,
-never over nuclei), textures are made on the coarse grid and upsampled.
+Speed: everything is vectorised; nuclei and cell bodies are stamped offset-by-offset (a loop
+over stamp pixels, never over nuclei), textures are made on the coarse grid and upsampled.
 """
 
 from __future__ import annotations
@@ -49,19 +57,43 @@ MICRO_MIN_UM = 200.0
 
 @dataclass(frozen=True)
 class NucleusStyle:
-    """Nuclei of one tissue type: radius range (um), max aspect ratio, haematoxylin OD range,
-    and the fraction of area they cover."""
+    """Nuclei of one cell type: radius range (um), max aspect ratio, outline irregularity
+    (relative radius modulation), vesicularity (0: solid dark chromatin; 1: pale centre, dark
+    rim and nucleoli) and chromatin granularity (relative per-pixel variation)."""
 
     radius_um: tuple[float, float]
     aspect_max: float
-    od: tuple[float, float]
-    coverage: float
+    roughness: float
+    vesicular: float
+    grain: float
 
 
-# Tumor: larger, denser, darker nuclei. Normal: small lymphocyte-like nuclei, sparser.
-NORMAL_NUCLEI = NucleusStyle((2.2, 3.4), 1.3, (0.85, 1.25), 0.17)
-TUMOR_NUCLEI = NucleusStyle((3.6, 6.0), 1.7, (1.25, 1.75), 0.36)
-FOLLICLE_DENSITY_GAIN = 0.9  # follicles: +90 % normal nuclei (dark but small: a decoy)
+# Normal lymph node: small, round, uniform, dark lymphocytes, scattered at random.
+# Metastasis: large pleomorphic vesicular nuclei with nucleoli, in cohesive sheets of cells with
+# eosinophilic cytoplasm (a jittered hexagonal lattice, TUMOR_SPACING_UM apart).
+LYMPHOCYTE = NucleusStyle((2.3, 3.2), 1.15, 0.03, 0.0, 0.25)
+CARCINOMA = NucleusStyle((4.0, 7.0), 1.8, 0.12, 1.0, 0.5)
+TUMOR_SPACING_UM = 15.0
+CELL_RADIUS_UM = (6.0, 7.5)  # tumor cell body (cytoplasm) radius range
+
+# Low-resolution colour is matched by construction: both tissue types are drawn from the SAME
+# cellularity field c in [0, 1] (dense cortex vs pale sinus-like areas, independent of tumor),
+# and at every c the haematoxylin / eosin of tumor (nuclear darkness, cytoplasm, background) is
+# set so its mean colour over 16-um blocks equals that of lymphoid tissue at the same c; nest
+# darkness and per-cell cytoplasm vary so that the spread of those blocks matches too (a regular
+# sheet of cells varies less from block to block than randomly scattered lymphocytes). The
+# constants were calibrated on homogeneous patches (least squares at c = 0 and 1; see
+# docs/demo_data.md; tests/test_demo_data.py checks the match); what differs is only visible
+# at ~1 um/px.
+LYMPH_COVERAGE = (0.16, 0.42)  # nuclear area fraction of lymphoid tissue at c = 0 and 1
+LYMPH_OD = 1.15  # haematoxylin OD of a lymphocyte nucleus (x U(0.9, 1.1) per nucleus)
+NORMAL_BG = ((0.16, 0.60), (0.14, 0.50))  # normal background (H, E) OD at c = 0 and c = 1
+TUMOR_OD = (0.891, 1.440)  # mean haematoxylin OD scale of tumor nuclei at c = 0 and 1
+TUMOR_BG = ((0.075, 0.493), (0.125, 0.387))  # tumor background (H, E) OD at c = 0 and c = 1
+TUMOR_CYTO_E = 0.20  # extra eosin OD inside tumor cell bodies (x U(CYTO_SPREAD) per cell)
+CYTO_SPREAD = (0.3, 1.7)
+TUMOR_PATCHINESS = (0.29, 0.18)  # tumor nuclear-darkness variation over ~16 um at c = 0 and 1
+GERMINAL_MIX = 0.35  # follicles: fraction of large pale centroblast-like (tumor-like) nuclei
 
 
 @dataclass(frozen=True, eq=False)
@@ -333,31 +365,6 @@ def _upsample_u8(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img)
 
 
-def _stamp_bank(rng: np.random.Generator, style: NucleusStyle, mpp: float, n: int = 12):
-    """n nucleus stamps: (flat-offset-ready dy, dx, value in [0, 1]) per stamp pixel."""
-    bank = []
-    for _ in range(n):
-        r = rng.uniform(*style.radius_um) / mpp
-        asp = rng.uniform(1.0, style.aspect_max)
-        a, b = r * math.sqrt(asp), r / math.sqrt(asp)
-        ang = rng.uniform(0, np.pi)
-        half = int(math.ceil(a)) + 1
-        dy, dx = np.mgrid[-half:half + 1, -half:half + 1]
-        u = dx * math.cos(ang) + dy * math.sin(ang)
-        v = -dx * math.sin(ang) + dy * math.cos(ang)
-        d = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-        val = np.clip((1.0 - d) * min(a, b) + 0.5, 0.0, 1.0)  # ~1 px soft edge
-        val *= 0.78 + 0.22 * rng.random(val.shape)  # granular chromatin
-        keep = val > 0.02
-        bank.append((dy[keep], dx[keep], val[keep]))
-    return bank
-
-
-def _mean_area_px(style: NucleusStyle, mpp: float) -> float:
-    r = np.mean(style.radius_um) / mpp
-    return math.pi * r * r
-
-
 def _stain_lut(h_scale: float, e_scale: float) -> np.ndarray:
     """(65536, 3) uint8: RGB of quantised (H, E) concentrations, index = H << 8 | E."""
     h = np.arange(256) / 255.0 * H_MAX_OD * h_scale
@@ -366,71 +373,188 @@ def _stain_lut(h_scale: float, e_scale: float) -> np.ndarray:
     return np.clip(255.0 * np.exp(-od) + 0.5, 0, 255).astype(np.uint8).reshape(-1, 3)
 
 
-def render_slide(spec: SlideSpec) -> np.ndarray:
-    """Render `spec` to an (H, W, 3) uint8 RGB image; deterministic given spec.seed."""
-    rng = np.random.default_rng(spec.seed)
-    H, W, mpp = spec.height_px, spec.width_px, spec.mpp
-    f = max(1, int(round(COARSE_UM / mpp)))  # full-res px per coarse px
-    lo_shape = (-(-H // f), -(-W // f))
-    lo_um = f * mpp
+def _nucleus_stamp(rng: np.random.Generator, style: NucleusStyle, mpp: float, q: float):
+    """One nucleus stamp: (dy, dx, value) per stamp pixel, value ~[0, 1.3] x nuclear OD; its
+    radius is at quantile `q` of style.radius_um.
 
-    # -- tumor-likeness t and follicle field on the coarse grid
+    Solid nuclei (lymphocytes) are uniformly dark with fine grain; vesicular ones (carcinoma)
+    have a pale centre, a dark ~1.3 um rim (chromatin on the membrane) and 1-2 nucleoli."""
+    r = (style.radius_um[0] + q * (style.radius_um[1] - style.radius_um[0])) / mpp
+    asp = rng.uniform(1.0, style.aspect_max)
+    a, b = r * math.sqrt(asp), r / math.sqrt(asp)
+    ang = rng.uniform(0, np.pi)
+    half = int(math.ceil(a * (1 + style.roughness))) + 1
+    dy, dx = np.mgrid[-half:half + 1, -half:half + 1]
+    u = dx * math.cos(ang) + dy * math.sin(ang)
+    v = -dx * math.sin(ang) + dy * math.cos(ang)
+    theta = np.arctan2(v / b, u / a)
+    ks = np.arange(2, 5)
+    amp = rng.random(ks.size) * style.roughness / ks.size
+    mod = 1 + (amp[:, None, None] * np.cos(ks[:, None, None] * theta
+                                           + rng.uniform(0, 2 * np.pi, (ks.size, 1, 1)))).sum(0)
+    d = np.sqrt((u / a) ** 2 + (v / b) ** 2) / mod  # 1 on the (irregular) outline
+    edge = np.clip((1.0 - d) * min(a, b) + 0.5, 0.0, 1.0)  # ~1 px soft edge
+    rim_w = 1.3 / mpp / min(a, b)  # rim width as a fraction of the radius
+    rim = np.clip((d - (1 - rim_w)) / rim_w, 0.0, 1.0)
+    inner = 1.0 - 0.62 * style.vesicular
+    val = edge * (inner + (1 - inner) * rim)
+    val *= 1 - style.grain / 2 + style.grain * rng.random(val.shape)  # chromatin granularity
+    if style.vesicular > 0:
+        for _ in range(int(rng.integers(1, 3))):  # nucleoli: dark dots ~1 um in radius
+            c = rng.uniform(-0.45, 0.45, 2) * (a, b)
+            nd = np.hypot(u - c[0], v - c[1]) * mpp
+            val = np.maximum(val, 1.3 * np.clip(1.6 - nd, 0.0, 1.0))
+    keep = val > 0.02
+    return dy[keep], dx[keep], val[keep].astype(np.float32)
+
+
+def _disc_stamp(radius_px: float):
+    """A soft-edged disc: (dy, dx, value in [0, 1]) per stamp pixel."""
+    half = int(math.ceil(radius_px)) + 1
+    dy, dx = np.mgrid[-half:half + 1, -half:half + 1]
+    val = np.clip(radius_px - np.hypot(dy, dx) + 0.5, 0.0, 1.0)
+    keep = val > 0.02
+    return dy[keep], dx[keep], val[keep].astype(np.float32)
+
+
+def _mean_area_px(style: NucleusStyle, mpp: float) -> float:
+    r = np.mean(style.radius_um) / mpp
+    return math.pi * r * r
+
+
+def _stamp_all(rng: np.random.Generator, canvas: np.ndarray, wp: int, centers: np.ndarray,
+               bank: list, level: np.ndarray) -> None:
+    """Max-composite stamps from `bank` (one drawn per centre) at flat `centers` of the padded
+    `canvas` (row width `wp`), each scaled by its `level` (uint8 units). Loops over stamp
+    pixels, never over nuclei; max, not sum: overlaps do not get darker than one nucleus."""
+    sid = rng.integers(0, len(bank), centers.size)
+    for s, (dy, dx, val) in enumerate(bank):
+        sel = sid == s
+        if not sel.any():
+            continue
+        # unique: one write per px per offset (a duplicate centre keeps one level)
+        c, first = np.unique(centers[sel], return_index=True)
+        q = level[sel][first]
+        for oy, ox, v in zip(dy, dx, val, strict=True):
+            idx = c + (oy * wp + ox)
+            canvas[idx] = np.maximum(canvas[idx], np.minimum(v * q, 255).astype(np.uint8))
+
+
+def _lattice(rng: np.random.Generator, H: int, W: int, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) int px of a jittered hexagonal lattice of spacing `s` px over an H x W image, at
+    a random angle and offset (an axis-aligned lattice would beat with the tile grid)."""
+    half = math.hypot(H, W) / 2 + s
+    rows, cols = np.mgrid[-half:half:s * 0.866, -half:half:s]
+    jitter = rng.uniform(-0.25, 0.25, (2, *rows.shape)) * s
+    ly = rows + jitter[0]
+    lx = cols + 0.5 * s * (np.round(rows / (s * 0.866)) % 2) + jitter[1]
+    a = rng.uniform(0, np.pi / 3)
+    y = H / 2 + ly * math.cos(a) + lx * math.sin(a) + rng.uniform(0, s)
+    x = W / 2 - ly * math.sin(a) + lx * math.cos(a) + rng.uniform(0, s)
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    return y[inside].astype(np.int64), x[inside].astype(np.int64)
+
+
+def _lerp(pair: tuple[float, float], c: np.ndarray) -> np.ndarray:
+    return pair[0] + (pair[1] - pair[0]) * c
+
+
+def _fields(spec: SlideSpec, rng: np.random.Generator, lo_shape: tuple[int, int], f: int):
+    """Coarse (COARSE_UM) fields: tumor-likeness t (the nuclear type mix), cellularity c,
+    follicle (germinal centre) weight, capsule mask and tissue mask."""
+    lo_um = f * spec.mpp
+
     def coarse(polys, values=None):
         return _raster(polys, lo_shape, f, values).astype(np.float32) / 255.0
 
     tumor = coarse(spec.tumor) * (1 - coarse(spec.exclusions)) * (1 - coarse(spec.normal_islands))
     dips = np.clip(_smooth_noise(rng, lo_shape, 150 / lo_um) - 0.5, 0, 1.5) / 1.5
-    t = tumor * (1.0 - 0.45 * dips)  # paler, less tumor-like areas inside tumor
+    t = tumor * (1.0 - 0.45 * dips)  # mixed, less tumor-like areas inside tumor
     look_levels = rng.uniform(0.8, 1.0, len(spec.lookalikes)) * 255
     t = np.maximum(t, coarse(spec.lookalikes, look_levels))
     t = ndimage.gaussian_filter(t, 6 / lo_um)
     bumps = np.clip(_smooth_noise(rng, lo_shape, 120 / lo_um) - 1.0, 0, 1)
     t = np.clip(np.maximum(t, 0.3 * bumps), 0, 1)  # mildly atypical patches in normal tissue
     fol = ndimage.gaussian_filter(coarse(spec.follicles), 15 / lo_um) * (1 - t)
+    # cellularity: the same field under tumor and normal tissue, so it carries no label
+    # (the 24-60 um terms vary colour within a tile alike in both types, so what little the
+    # cell arrangements add to the spread of 16 um blocks is lost in it)
+    c = np.clip(0.5 + 0.25 * _smooth_noise(rng, lo_shape, 300 / lo_um)
+                + 0.16 * _smooth_noise(rng, lo_shape, 60 / lo_um)
+                + 0.1 * _smooth_noise(rng, lo_shape, 24 / lo_um), 0, 1)
     tissue_lo = coarse(spec.tissue) > 0.5
     capsule = tissue_lo & ~ndimage.binary_erosion(tissue_lo, iterations=max(1, round(15 / lo_um)))
+    # germinal centres: some large pale nuclei among the lymphocytes (a tumor look-alike)
+    t_nuc = np.maximum(t, GERMINAL_MIX * fol)
+    return t, t_nuc, c, capsule
 
-    # -- stroma H / E concentrations (coarse), with texture, quantised then upsampled
+
+def render_slide(spec: SlideSpec) -> np.ndarray:
+    """Render `spec` to an (H, W, 3) uint8 RGB image; deterministic given spec.seed."""
+    rng = np.random.default_rng(spec.seed)
+    H, W, mpp = spec.height_px, spec.width_px, spec.mpp
+    f = max(1, int(round(COARSE_UM / mpp)))  # full-res px per coarse px
+    lo_shape = (-(-H // f), -(-W // f))
+    t, t_nuc, c, capsule = _fields(spec, rng, lo_shape, f)
+    return _compose(spec, rng, t, t_nuc, c, capsule, f)
+
+
+def _compose(spec: SlideSpec, rng: np.random.Generator, t: np.ndarray, t_nuc: np.ndarray,
+             c: np.ndarray, capsule: np.ndarray, f: int) -> np.ndarray:
+    """Pixels from the coarse fields: background stains, nuclei, tumor cytoplasm, grain."""
+    H, W, mpp = spec.height_px, spec.width_px, spec.mpp
+    lo_shape = c.shape
+    # -- background H / E (coarse, textured), mixed between the two tissue types by t
     tex = _smooth_noise(rng, lo_shape, 2.0)
-    h_str = (0.10 + 0.26 * t + 0.10 * fol) * (1 + 0.08 * _smooth_noise(rng, lo_shape, 3.0))
-    e_str = (0.56 - 0.30 * t) * (1 + 0.16 * tex) + 0.25 * capsule
-    hq = _upsample_u8(np.clip(h_str / H_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
-    eq = _upsample_u8(np.clip(e_str / E_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
+    h_bg = (1 - t) * _lerp((NORMAL_BG[0][0], NORMAL_BG[1][0]), c) \
+        + t * _lerp((TUMOR_BG[0][0], TUMOR_BG[1][0]), c)
+    e_bg = (1 - t) * _lerp((NORMAL_BG[0][1], NORMAL_BG[1][1]), c) \
+        + t * _lerp((TUMOR_BG[0][1], TUMOR_BG[1][1]), c)
+    h_bg = h_bg * (1 + 0.08 * _smooth_noise(rng, lo_shape, 3.0))
+    e_bg = e_bg * (1 + 0.16 * tex) + 0.25 * capsule
+    hq = _upsample_u8(np.clip(h_bg / H_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
+    eq = _upsample_u8(np.clip(e_bg / E_MAX_OD * 255, 0, 255).astype(np.uint8), (H, W))
     tissue = _raster(spec.tissue, (H, W), 1.0) > 0
 
-    # -- nuclei: inhomogeneous Poisson process by thinning, type drawn from t at the centre
-    lam_n = NORMAL_NUCLEI.coverage / _mean_area_px(NORMAL_NUCLEI, mpp)
-    lam_t = TUMOR_NUCLEI.coverage / _mean_area_px(TUMOR_NUCLEI, mpp)
-    lam_max = max(lam_n * (1 + FOLLICLE_DENSITY_GAIN), lam_t)
+    # -- lymphocytes: inhomogeneous Poisson process by thinning (density from c and 1 - t)
+    lam_per_cov = 1.0 / _mean_area_px(LYMPHOCYTE, mpp)
+    lam_max = lam_per_cov * LYMPH_COVERAGE[1]
     n_cand = int(rng.poisson(lam_max * H * W))
-    ys = rng.integers(0, H, n_cand)
-    xs = rng.integers(0, W, n_cand)
-    u1, u2 = rng.random(n_cand), rng.random(n_cand)
+    ys, xs, u = rng.integers(0, H, n_cand), rng.integers(0, W, n_cand), rng.random(n_cand)
     keep = tissue[ys, xs]
-    ys, xs, u1, u2 = ys[keep], xs[keep], u1[keep], u2[keep]
+    ys, xs, u = ys[keep], xs[keep], u[keep]
     ty, tx = ys // f, xs // f
-    tl, fl, cl = t[ty, tx], fol[ty, tx], capsule[ty, tx]
-    lam = (lam_n * (1 + FOLLICLE_DENSITY_GAIN * fl) * (1 - tl) + lam_t * tl) * (1 - 0.7 * cl)
-    keep = u1 * lam_max < lam
-    ys, xs, tl, u2 = ys[keep], xs[keep], tl[keep], u2[keep]
-    is_tumor = u2 < tl
+    lam = lam_per_cov * _lerp(LYMPH_COVERAGE, c[ty, tx]) * (1 - t_nuc[ty, tx]) \
+        * (1 - 0.7 * capsule[ty, tx])
+    keep = u * lam_max < lam
+    ly, lx = ys[keep], xs[keep]
 
-    banks = [_stamp_bank(rng, NORMAL_NUCLEI, mpp), _stamp_bank(rng, TUMOR_NUCLEI, mpp)]
+    # -- tumor cells: a jittered hexagonal lattice (cohesive sheets), kept with probability t
+    ty_, tx_ = _lattice(rng, H, W, TUMOR_SPACING_UM / mpp)
+    u = rng.random(ty_.size)
+    keep = tissue[ty_, tx_] & (u < t_nuc[ty_ // f, tx_ // f])
+    ty_, tx_ = ty_[keep], tx_[keep]
+
+    # stratified radii: every slide's stamp bank has the same mean nuclear area (the low-res
+    # colour match would otherwise drift by a few grey levels per slide)
+    banks = ([_nucleus_stamp(rng, LYMPHOCYTE, mpp, (k + rng.random()) / 12) for k in range(12)],
+             [_nucleus_stamp(rng, CARCINOMA, mpp, (k + rng.random()) / 24) for k in range(24)],
+             [_disc_stamp(rng.uniform(*CELL_RADIUS_UM) / mpp) for _ in range(4)])
     pad = 2 + max(int(np.abs(dy).max()) for bank in banks for dy, _, _ in bank)
-    Wp = W + 2 * pad
-    nuc = np.zeros((H + 2 * pad) * Wp, dtype=np.uint8)
-    centers = (ys + pad) * Wp + (xs + pad)
-    sid = rng.integers(0, 12, centers.size)
-    for kind, (style, bank) in enumerate(zip((NORMAL_NUCLEI, TUMOR_NUCLEI), banks, strict=True)):
-        sel_kind = is_tumor == bool(kind)
-        for s, (dy, dx, val) in enumerate(bank):
-            c = np.unique(centers[sel_kind & (sid == s)])  # unique: one write per px per offset
-            q = rng.uniform(*style.od, c.size).astype(np.float32) * (255 / H_MAX_OD)
-            for oy, ox, v in zip(dy, dx, val, strict=True):
-                idx = c + (oy * Wp + ox)
-                # max, not sum: overlapping nuclei do not get darker than one nucleus
-                nuc[idx] = np.maximum(nuc[idx], (v * q).astype(np.uint8))
-    nuc = nuc.reshape(H + 2 * pad, Wp)[pad:pad + H, pad:pad + W]
+    wp = W + 2 * pad
+    nuc = np.zeros((H + 2 * pad) * wp, dtype=np.uint8)
+    cyto = np.zeros_like(nuc)
+    lq = LYMPH_OD * rng.uniform(0.9, 1.1, ly.size) * (255 / H_MAX_OD)
+    _stamp_all(rng, nuc, wp, (ly + pad) * wp + (lx + pad), banks[0], lq.astype(np.float32))
+    tc = (ty_ + pad) * wp + (tx_ + pad)
+    nests = _smooth_noise(rng, lo_shape, 16 / (f * mpp))[ty_ // f, tx_ // f]
+    tq = _lerp(TUMOR_OD, c[ty_ // f, tx_ // f]) * rng.uniform(0.75, 1.25, tc.size) \
+        * np.clip(1 + _lerp(TUMOR_PATCHINESS, c[ty_ // f, tx_ // f]) * nests, 0.2, 2.0)
+    _stamp_all(rng, nuc, wp, tc, banks[1], (tq * (255 / H_MAX_OD)).astype(np.float32))
+    cq = (TUMOR_CYTO_E * 255 / E_MAX_OD * rng.uniform(*CYTO_SPREAD, tc.size)).astype(np.float32)
+    _stamp_all(rng, cyto, wp, tc, banks[2], cq)
+    nuc = nuc.reshape(H + 2 * pad, wp)[pad:pad + H, pad:pad + W]
+    cyto = cyto.reshape(H + 2 * pad, wp)[pad:pad + H, pad:pad + W]
 
     # -- compose in quantised concentration space, then one LUT lookup to RGB
     grain = rng.integers(0, 13, (H, W), dtype=np.uint8)
@@ -439,7 +563,8 @@ def render_slide(spec: SlideSpec) -> np.ndarray:
     h += grain
     h -= 6
     # nuclei displace eosin; uint16 holds 255 * 256 (int16 would overflow)
-    e = ((eq.astype(np.uint16) * (256 - (nuc.astype(np.uint16) * 3 >> 2))) >> 8).astype(np.int16)
+    e = eq.astype(np.uint16) + cyto
+    e = ((e * (256 - (nuc.astype(np.uint16) * 3 >> 2))) >> 8).astype(np.int16)
     e += grain[::-1]
     e -= 6
     h = np.where(tissue, h, grain >> 2)  # glass: faint grain only
