@@ -3,6 +3,7 @@ what it does to Table 1 (Separate vs End-to-End), as DVC experiments.
 
     python benchmarks/e2e_lr_sweep.py                    # lr_fe 1e-5, 1e-7, 1e-9 (+ 1e-9 fp32)
     python benchmarks/e2e_lr_sweep.py --lrs 1e-8,1e-6 --no-float32
+    python benchmarks/e2e_lr_sweep.py --render docs/bench/e2e_lr_sweep.json   # table only
 
 Needs the demo's outputs (`dvc repro` once). Each run is `dvc exp run -S e2e.lr_fe=... -n ...`
 (DVC re-runs only e2e-finetune and evaluate); after each, the workspace's reports/e2e.json
@@ -58,7 +59,7 @@ def _row(lr: str, master: str, seconds: float) -> dict:
 def _table(rows: list[dict]) -> str:
     lines = [
         "| lr_fe | master | extractor moved | extractor rel. L2 | U-Net moved | U-Net rel. L2 "
-        "| Separate acc / PR-AUC (%) | E2E acc / PR-AUC (%) | E2E − Separate (pp) "
+        "| Separate acc / PR-AUC (%) | E2E acc / PR-AUC (%) | E2E − Separate acc / PR-AUC (pp) "
         "| C16 FROC sep / e2e |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -71,7 +72,7 @@ def _table(rows: list[dict]) -> str:
             f"| {r['seg_rel_l2']:.2e} "
             f"| {100 * r['separate_accuracy']:.2f} / {100 * r['separate_pr_auc']:.2f} "
             f"| {100 * r['e2e_accuracy']:.2f} / {100 * r['e2e_pr_auc']:.2f} "
-            f"| {d_acc:+.2f} / {d_pr:+.2f} | {r['separate_froc']:.2f} / {r['e2e_froc']:.2f} |")
+            f"| {d_acc:+.3f} / {d_pr:+.4f} | {r['separate_froc']:.2f} / {r['e2e_froc']:.2f} |")
     return "\n".join(lines)
 
 
@@ -98,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the master_dtype=float32 run at the committed lr_fe")
     ap.add_argument("--doc", default="docs/e2e_lr_sweep.md")
     ap.add_argument("--out", default="reports/bench/e2e_lr_sweep.json")
+    ap.add_argument("--render", metavar="JSON",
+                    help="only rewrite the doc's table from a previous run's JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        _write_doc(Path(args.doc), saved["rows"], saved["lr_seg"])
+        print(_table(saved["rows"]))
+        return 0
 
     committed = load_params("params.yaml").e2e
     default_lr, default_master = repr(committed.lr_fe), committed.master_dtype

@@ -348,7 +348,7 @@ def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> 
                 prog.extra = {"order": torch.from_numpy(np.asarray(order, np.int64)),
                               "next_step": step + 1,
                               "acc": _gather((list(losses), n_pat, n_ref), r.world)}
-                ts.save(prog)
+                ts.save(prog, force=True)  # e2e's cadence is e2e.state_every_slides
         loss_sum, n_loss, n_pat, n_ref = all_reduce_sum(
             [float(np.sum(losses)), len(losses), n_pat, n_ref], r.device)
         if r.world == 1:  # the plain run's float arithmetic, unchanged
@@ -366,7 +366,7 @@ def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> 
                  f" (val {val_loss:.5f})" if p.select == "best_val" else "", n_pat, n_ref,
                  *moved.values())
         prog.epoch, prog.extra = epoch + 1, {}
-        ts.save(prog)
+        ts.save(prog, force=True)
     return prog.rows
 
 
