@@ -381,6 +381,7 @@ def write_camelyon_set(
     n_lumps: int | None = None,
     splits: Sequence[str] = ("train", "val", "test"),
     quality: int = JPEG_QUALITY,
+    tumor_fraction: float = 0.35,
 ) -> Path:
     """`n_slides` slides `tumor_NNN.tif` + `.xml` and `manifest.csv` under `out` (splits cycle
     through `splits`). `scale` multiplies the tissue area AND the slide area (lump and slide
@@ -396,7 +397,8 @@ def write_camelyon_set(
     for i in range(n_slides):
         sid = f"tumor_{i + 1:03d}"
         spec = plan_camelyon_slide(seed * 1000 + i, int(round(width_px * f)),
-                                   int(round(height_px * f)), n_lumps, lump_um * f)
+                                   int(round(height_px * f)), n_lumps, lump_um * f,
+                                   tumor_fraction)
         write_camelyon_tiff(spec, out / f"{sid}.tif", quality)
         write_camelyon_xml(out / f"{sid}.xml", spec)
         rows.append([sid, f"{sid}.tif", f"{sid}.xml", splits[i % len(splits)], sid,
@@ -420,11 +422,14 @@ def cli(
     lump_mm: float = typer.Option(3.0, "--lump-mm", help="tissue lump diameter at scale 1, mm"),
     n_lumps: int | None = typer.Option(None, "--n-lumps", help="lumps per slide (default 1-3)"),
     splits: str = typer.Option("train,val,test", "--splits", help="splits, cycled over slides"),
+    tumor_fraction: float = typer.Option(
+        0.35, "--tumor-fraction", help="largest tumor's diameter / its lump's diameter"),
 ) -> None:
     """Write CAMELYON16-shaped synthetic slides (0.243 um/px tiled JPEG TIFF pyramids, mostly
     glass, ASAP XML in CAMELYON16's layout) and a manifest.csv for data.manifest."""
     manifest = write_camelyon_set(out, n_slides, scale, seed, width_px, height_px,
-                                  lump_mm * 1000.0, n_lumps, [s.strip() for s in splits.split(",")])
+                                  lump_mm * 1000.0, n_lumps, [s.strip() for s in splits.split(",")],
+                                  tumor_fraction=tumor_fraction)
     typer.echo(f"synth-camelyon: {n_slides} slides -> {manifest}")
 
 
