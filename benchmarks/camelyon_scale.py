@@ -35,6 +35,9 @@ tiles at 1x, with 20 % slack for noise; fixed start-up costs make it sublinear).
 
     python benchmarks/camelyon_scale.py                 # 1x, 2x, 4x (~20 min on 2 idle cores)
     python benchmarks/camelyon_scale.py --quick         # 1x, 2x of smaller lumps (~8 min)
+    # on a shared machine: one process per scale, then combine (memory is per process)
+    python benchmarks/camelyon_scale.py --scales 4 --out /tmp/s4.json   # likewise 1 and 2
+    python benchmarks/camelyon_scale.py --merge /tmp/s1.json /tmp/s2.json /tmp/s4.json
 
 Prints a table and writes reports/bench/camelyon_scale.json (copy results worth keeping to
 docs/bench/). Needs no network and no GPU (uses one when present).
@@ -201,7 +204,9 @@ def stage_tiles(counts: dict) -> dict[str, int]:
     }
 
 
-def run_scale(scale: float, args, work: Path, weights: Path, env: dict) -> dict:
+def run_scale(scale: float, args, work: Path, weights: Path, env: dict, save) -> dict:
+    """All stages at one scale in a fresh project; `save(res)` after each (partial results
+    survive an interrupted run)."""
     proj = work / f"scale_{scale:g}"
     (proj / "logs").mkdir(parents=True)
     splits = ["train", "test", "val"][: args.n_slides]
@@ -215,6 +220,7 @@ def run_scale(scale: float, args, work: Path, weights: Path, env: dict) -> dict:
     params = params_for("slides/manifest.csv", str(weights), args.workers)
     # JSON is YAML 1.2: the pipeline's ruamel loader reads it as params.yaml
     (proj / "params.yaml").write_text(json.dumps(params, indent=1) + "\n")
+    tiles: dict[str, int] = {}
     for stage in STAGES:
         cmd = [sys.executable, "-m", "pipeline", stage]
         if stage == "predict":
@@ -223,20 +229,28 @@ def run_scale(scale: float, args, work: Path, weights: Path, env: dict) -> dict:
         print(f"  scale {scale:g}: {stage} ...", end="", flush=True)
         r = run_measured(cmd, proj, proj / "logs" / f"{stage}.log", env)
         print(f" {r['seconds']:.0f} s, {r['peak_rss_mib']:.0f} MiB", flush=True)
-        res["stages"][stage] = r
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-count",
-                          str(proj)], capture_output=True, text=True, env=env, check=True)
-    res["counts"] = json.loads(out.stdout.strip().splitlines()[-1])
-    for stage, n in stage_tiles(res["counts"]).items():
-        res["stages"][stage]["tiles"] = n
+        if stage == "label":  # tiles and labels are known from here on
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()),
+                                  "--child-count", str(proj)], capture_output=True, text=True,
+                                 env=env, check=True)
+            res["counts"] = json.loads(out.stdout.strip().splitlines()[-1])
+            tiles = stage_tiles(res["counts"])
+            for done in res["stages"]:
+                res["stages"][done]["tiles"] = tiles[done]
+        res["stages"][stage] = {**r, **({"tiles": tiles[stage]} if tiles else {})}
+        save(res)
     return res
 
 
 # -- summary -----------------------------------------------------------------------------------
+def common_stages(runs: list[dict]) -> list[str]:
+    return [st for st in STAGES if all(st in r["stages"] for r in runs)]
+
+
 def checks(runs: list[dict]) -> dict:
     base, top = runs[0], runs[-1]
     out = {}
-    for stage in STAGES:
+    for stage in common_stages(runs):
         b, t = base["stages"][stage], top["stages"][stage]
         mem = t["peak_rss_mib"] / b["peak_rss_mib"]
         tiles = t["tiles"] / max(b["tiles"], 1)
@@ -252,7 +266,7 @@ def print_table(runs: list[dict], chk: dict) -> None:
     head = f"{'stage':17s}" + "".join(f" | {f'{s:g}x: s / MiB / tiles':>24s}" for s in scales)
     print("\n" + head + f" | {'RSS ratio':>9s} | {'s ratio / tiles ratio':>21s}")
     print("-" * len(head) + "-" * 38)
-    for stage in STAGES:
+    for stage in common_stages(runs):
         cells = "".join(
             f" | {r['stages'][stage]['seconds']:8.1f} / {r['stages'][stage]['peak_rss_mib']:6.0f}"
             f" / {r['stages'][stage]['tiles']:5d}" for r in runs)
@@ -270,6 +284,23 @@ def print_table(runs: list[dict], chk: dict) -> None:
               f"tiles per slide {[s['tiles'] for s in sl.values()]}")
 
 
+def summarize(runs: list[dict], meta: dict, out: Path) -> dict:
+    """Checks over the runs (sorted by scale), the table, and the JSON written to `out`."""
+    runs = sorted(runs, key=lambda r: r["scale"])
+    chk = checks(runs) if len(runs) > 1 else {}
+    if chk:
+        print_table(runs, chk)
+    complete = all(len(r["stages"]) == len(STAGES) for r in runs)
+    result = {**meta, "runs": runs, "checks": chk, "complete": complete,
+              "all_flat": bool(chk) and all(c["flat"] for c in chk.values()),
+              "all_at_most_linear": bool(chk) and all(c["at_most_linear"] for c in chk.values())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_out.replace(out)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="scales 1,2 and 0.3 mm lumps")
@@ -281,6 +312,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="tile.workers / extractor.workers")
     ap.add_argument("--work", type=Path, default=None, help="keep the projects here")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "camelyon_scale.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="combine the JSONs of runs made one scale each (e.g. in parallel)")
     ap.add_argument("--child-weights", help=argparse.SUPPRESS)
     ap.add_argument("--child-count", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -288,40 +321,57 @@ def main() -> None:
         return child_weights(args.child_weights)
     if args.child_count:
         return child_count(args.child_count)
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        meta = {k: v for k, v in parts[0].items()
+                if k not in ("runs", "checks", "complete", "all_flat", "all_at_most_linear")}
+        meta["command"] = [p["command"] for p in parts]
+        meta["host"] = [p["host"] for p in parts]
+        meta["total_seconds"] = [p["total_seconds"] for p in parts]
+        result = summarize([r for p in parts for r in p["runs"]], meta, args.out)
+        print(f"complete: {result['complete']}; flat memory: {result['all_flat']}; time at "
+              f"most linear in tiles: {result['all_at_most_linear']} -> {args.out}")
+        return None
     scales = [float(s) for s in (args.scales or ("1,2" if args.quick else "1,2,4")).split(",")]
     args.lump_mm = args.lump_mm or (0.3 if args.quick else 0.75)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
+    meta: dict = {
+        "benchmark": "camelyon_scale",
+        "command": " ".join(["python", "benchmarks/camelyon_scale.py", *sys.argv[1:]]),
+        "lump_mm_at_1x": args.lump_mm, "n_slides": args.n_slides, "workers": args.workers,
+        "params": params_for("slides/manifest.csv", "<weights>", args.workers),
+    }
+    runs: list[dict] = []
+
+    def save(current: dict) -> None:
+        meta["host"] = {"machine": platform.machine(), "cpus": os.cpu_count(),
+                        "load_avg_now": [round(x, 1) for x in os.getloadavg()],
+                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+        out_runs = runs + ([current] if current not in runs else [])
+        out_runs = sorted(out_runs, key=lambda r: r["scale"])
+        complete = len(out_runs) == len(scales) and all(
+            len(r["stages"]) == len(STAGES) for r in out_runs)
+        tmp_out = args.out.with_suffix(".json.tmp")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out.write_text(json.dumps({**meta, "runs": out_runs, "complete": complete},
+                                      indent=1) + "\n")
+        tmp_out.replace(args.out)
+
     with tempfile.TemporaryDirectory(prefix="camelyon_scale_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         weights = work / "googlenet_imagenet_layout.pt"
         w = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-weights",
                             str(weights)], capture_output=True, text=True, env=env, check=True)
-        weights_info = json.loads(w.stdout.strip().splitlines()[-1])
-        print(f"weights: {weights_info['note']}")
-        runs = [run_scale(s, args, work, weights, env) for s in scales]
-    chk = checks(runs)
-    print_table(runs, chk)
-    result = {
-        "benchmark": "camelyon_scale",
-        "command": " ".join(["python", "benchmarks/camelyon_scale.py", *sys.argv[1:]]),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                 "load_avg_at_end": list(os.getloadavg()),
-                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "lump_mm_at_1x": args.lump_mm, "n_slides": args.n_slides, "workers": args.workers,
-        "weights": weights_info, "params": params_for("slides/manifest.csv", "<weights>",
-                                                      args.workers),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "runs": runs, "checks": chk,
-        "all_flat": all(c["flat"] for c in chk.values()),
-        "all_at_most_linear": all(c["at_most_linear"] for c in chk.values()),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(args.out)
-    print(f"\n{result['total_seconds']:.0f} s in all; flat memory: {result['all_flat']}; "
+        meta["weights"] = json.loads(w.stdout.strip().splitlines()[-1])
+        print(f"weights: {meta['weights']['note']}")
+        for scale in scales:
+            runs.append(run_scale(scale, args, work, weights, env, save))
+    save(runs[-1])
+    result = summarize(runs, meta, args.out)
+    print(f"\n{meta['total_seconds']:.0f} s in all; flat memory: {result['all_flat']}; "
           f"time at most linear in tiles: {result['all_at_most_linear']} -> {args.out}")
 
 
