@@ -243,20 +243,23 @@ def run_scale(scale: float, args, work: Path, weights: Path, env: dict, save) ->
 
 
 # -- summary -----------------------------------------------------------------------------------
-def common_stages(runs: list[dict]) -> list[str]:
-    return [st for st in STAGES if all(st in r["stages"] for r in runs)]
-
-
 def checks(runs: list[dict]) -> dict:
-    base, top = runs[0], runs[-1]
+    """Per stage: 1x against the largest scale that ran it (an interrupted run may not have
+    reached every stage at every scale)."""
+    base = runs[0]
     out = {}
-    for stage in common_stages(runs):
-        b, t = base["stages"][stage], top["stages"][stage]
+    for stage in STAGES:
+        have = [r for r in runs[1:] if stage in r["stages"]]
+        if stage not in base["stages"] or not have:
+            continue
+        b, top = base["stages"][stage], have[-1]
+        t = top["stages"][stage]
         mem = t["peak_rss_mib"] / b["peak_rss_mib"]
         tiles = t["tiles"] / max(b["tiles"], 1)
         secs = t["seconds"] / b["seconds"]
-        out[stage] = {"rss_ratio": round(mem, 3), "flat": mem <= FLAT_MAX,
-                      "tiles_ratio": round(tiles, 2), "seconds_ratio": round(secs, 2),
+        out[stage] = {"vs_scale": top["scale"], "rss_ratio": round(mem, 3),
+                      "flat": mem <= FLAT_MAX, "tiles_ratio": round(tiles, 2),
+                      "seconds_ratio": round(secs, 2),
                       "at_most_linear": secs <= LINEAR_SLACK * tiles}
     return out
 
@@ -264,18 +267,23 @@ def checks(runs: list[dict]) -> dict:
 def print_table(runs: list[dict], chk: dict) -> None:
     scales = [r["scale"] for r in runs]
     head = f"{'stage':17s}" + "".join(f" | {f'{s:g}x: s / MiB / tiles':>24s}" for s in scales)
-    print("\n" + head + f" | {'RSS ratio':>9s} | {'s ratio / tiles ratio':>21s}")
-    print("-" * len(head) + "-" * 38)
-    for stage in common_stages(runs):
-        cells = "".join(
-            f" | {r['stages'][stage]['seconds']:8.1f} / {r['stages'][stage]['peak_rss_mib']:6.0f}"
-            f" / {r['stages'][stage]['tiles']:5d}" for r in runs)
-        c = chk[stage]
-        print(f"{stage:17s}{cells} | {c['rss_ratio']:8.2f}{'' if c['flat'] else '!'} | "
-              f"{c['seconds_ratio']:8.2f} / {c['tiles_ratio']:<8.2f}"
-              f"{'' if c['at_most_linear'] else ' !'}")
+    print("\n" + head + f" | {'RSS ratio':>13s} | {'s ratio / tiles ratio':>21s}")
+    print("-" * len(head) + "-" * 42)
+    for stage in STAGES:
+        cells = ""
+        for r in runs:
+            st = r["stages"].get(stage)
+            cells += (f" | {st['seconds']:8.1f} / {st['peak_rss_mib']:6.0f} / "
+                      f"{st.get('tiles', 0):5d}" if st else f" | {'-':>24s}")
+        c = chk.get(stage)
+        tail = (f" | {c['rss_ratio']:5.2f} at {c['vs_scale']:g}x{'' if c['flat'] else '!'} | "
+                f"{c['seconds_ratio']:8.2f} / {c['tiles_ratio']:<8.2f}"
+                f"{'' if c['at_most_linear'] else ' !'}" if c else "")
+        print(f"{stage:17s}{cells}{tail}")
     for r in runs:
-        sl = r["counts"]["slides"]
+        sl = r.get("counts", {}).get("slides", {})
+        if not sl:
+            continue
         first = next(iter(sl.values()))
         print(f"scale {r['scale']:g}: slides {first['size_px'][0]} x {first['size_px'][1]} px, "
               f"{first['levels']} levels, mpp {first['mpp']:.3f}, "
