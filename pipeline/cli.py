@@ -18,7 +18,8 @@ HELP = (
     "Each command is one DVC stage over on-disk artifacts; run them all with `dvc repro`."
 )
 
-# stage name -> module under pipeline/stages exposing `cli` (the thin Typer command) and `run`.
+# stage name -> module under pipeline/stages exposing `cli` (the thin Typer command) and `run`
+# (or a full module path exposing `cli`).
 STAGES = {
     "demo-data": "demo_data",
     "tile": "tile",
@@ -32,6 +33,8 @@ STAGES = {
     "train-frozen": "train_frozen",
     "evaluate": "evaluate",
     "predict": "predict",
+    # not a DVC stage: writes CAMELYON16-shaped synthetic slides (a full module path)
+    "synth-camelyon": "pipeline.synth_camelyon",
 }
 
 
@@ -47,7 +50,8 @@ def build_app(names: list[str] | None = None) -> typer.Typer:
 
     _root.__doc__ = HELP
     for name in names or list(STAGES):
-        module = importlib.import_module(f"pipeline.stages.{STAGES[name]}")
+        mod = STAGES[name]
+        module = importlib.import_module(mod if "." in mod else f"pipeline.stages.{mod}")
         app.command(name)(module.cli)
     return app
 

@@ -154,7 +154,10 @@ def box_fractions(
     x0 = np.asarray(x0, np.float64)
     y0 = np.asarray(y0, np.float64)
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    # in place: two float64 temporaries of the mask's size would dominate the tile stage's
+    # peak memory on a 10^5-px slide (benchmarks/camelyon_scale.py)
+    np.cumsum(mask, axis=0, dtype=np.float64, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
 
     def at(y: np.ndarray, x: np.ndarray) -> np.ndarray:
         # bilinear interpolation of S at (y, x), 4 values per box corner: memory O(boxes), not
