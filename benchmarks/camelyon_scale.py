@@ -221,6 +221,9 @@ def run_scale(scale: float, args, work: Path, weights: Path, env: dict, save) ->
     # JSON is YAML 1.2: the pipeline's ruamel loader reads it as params.yaml
     (proj / "params.yaml").write_text(json.dumps(params, indent=1) + "\n")
     tiles: dict[str, int] = {}
+    # the weights file into models/pretrained (where train-extractor reads it): a copy, unmeasured
+    subprocess.run([sys.executable, "-m", "pipeline", "fetch-weights"], cwd=proj, env=env,
+                   check=True, capture_output=True)
     for stage in STAGES:
         cmd = [sys.executable, "-m", "pipeline", stage]
         if stage == "predict":
