@@ -364,34 +364,11 @@ def froc(
         if mask is None:
             fp_probs.append(det[:, 2])
             continue
-        labels, itc_ids = mask
-        labels = np.asarray(labels)
-        ids = np.unique(labels[labels > 0])
-        itc = {int(i) for i in itc_ids}
-        n_itc += int(np.isin(ids, list(itc)).sum())
-        n_lesions += int((~np.isin(ids, list(itc))).sum())
-        if det.shape[0] == 0:
-            n_scored_zero += len(ids)  # the official keeps a 0 score for every lesion label
-            continue
-        cols = np.floor(det[:, 0]).astype(np.int64)
-        rows = np.floor(det[:, 1]).astype(np.int64)
-        h, w = labels.shape
-        outside = (rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise MetricsError(
-                f"froc: detection ({det[i, 0]}, {det[i, 1]}) of {slide} lies outside its "
-                f"{w}x{h} evaluation mask"
-            )
-        hit = labels[rows, cols]
-        fp_probs.append(det[hit == 0, 2])
-        best: dict[int, float] = {}
-        for lesion, p in zip(hit.tolist(), det[:, 2].tolist(), strict=True):
-            # official l. 124, 142: a lesion starts at 0 and needs p > score: a 0 never counts
-            if lesion != 0 and lesion not in itc and p > best.get(lesion, 0.0):
-                best[lesion] = p
-        tp_probs.extend(best.values())
-        n_scored_zero += len(ids) - len(best)  # missed and ITC lesions: official score 0
+        fps_s, best, n_les, n_itc_s, n_zero = _score_tumor_slide(slide, det, *mask)
+        fp_probs.append(fps_s)
+        tp_probs.extend(best)
+        n_lesions, n_itc, n_scored_zero = (n_lesions + n_les, n_itc + n_itc_s,
+                                           n_scored_zero + n_zero)
 
     fp = np.sort(np.concatenate(fp_probs)) if fp_probs else np.zeros(0)
     tp = np.sort(np.asarray(tp_probs, dtype=np.float64))  # detected lesions only (all > 0)
@@ -428,6 +405,36 @@ def froc(
         "interpolation": interpolation,
     }
 
+
+
+def _score_tumor_slide(
+    slide: str, det: np.ndarray, labels: np.ndarray, itc_ids: set[int],
+) -> tuple[np.ndarray, list[float], int, int, int]:
+    """One tumor slide's detections scored as the official script does (see `froc`): (FP
+    probabilities, each detected non-ITC lesion's score, non-ITC lesions, ITC lesions, lesions
+    whose official score stays 0: missed ones and ITCs)."""
+    labels = np.asarray(labels)
+    ids = np.unique(labels[labels > 0])
+    itc = {int(i) for i in itc_ids}
+    n_itc = int(np.isin(ids, list(itc)).sum())
+    n_lesions = len(ids) - n_itc
+    if det.shape[0] == 0:
+        return det[:, 2], [], n_lesions, n_itc, len(ids)  # official: a 0 for every label
+    cols = np.floor(det[:, 0]).astype(np.int64)
+    rows = np.floor(det[:, 1]).astype(np.int64)
+    h, w = labels.shape
+    outside = (rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise MetricsError(f"froc: detection ({det[i, 0]}, {det[i, 1]}) of {slide} lies "
+                           f"outside its {w}x{h} evaluation mask")
+    hit = labels[rows, cols]
+    best: dict[int, float] = {}
+    for lesion, p in zip(hit.tolist(), det[:, 2].tolist(), strict=True):
+        # official l. 124, 142: a lesion starts at 0 and needs p > score: a 0 never counts
+        if lesion != 0 and lesion not in itc and p > best.get(lesion, 0.0):
+            best[lesion] = p
+    return det[hit == 0, 2], list(best.values()), n_lesions, n_itc, len(ids) - len(best)
 
 def detections_from_grid(prob_grid: Any, threshold: float) -> np.ndarray:
     """Turn a tile tumor-probability grid into FROC detections.
