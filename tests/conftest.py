@@ -4,6 +4,9 @@ params for stage tests."""
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,3 +187,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
+                 timeout_s: float, output: Callable[[], str], poll_s: float = 0.01) -> None:
+    """SIGKILL `proc` as soon as `ready()`; pytest.fail (with the last of `output()`) when the
+    process ends on its own first (nothing would be tested) or `timeout_s` passes. The kill-
+    and-resume tests of tile/label, the training stages and e2e-finetune share it."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"{what} ended (rc {proc.returncode}) before it could be killed:\n"
+                            f"{output()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not ready to be killed after {timeout_s} s")
+            time.sleep(poll_s)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from pipeline.paths import Paths
 from pipeline.stages.extract_features import extract_all
 from pipeline.trainstate import state_file
 from pipeline.unet import UNet
+from tests.conftest import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "e2e-finetune"
@@ -96,23 +95,11 @@ def _kill_mid_epoch(root: Path) -> dict:
     state = state_file(Paths(root), STAGE)
     proc = subprocess.Popen(CMD, cwd=root, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + TIMEOUT_S
     try:
-        while not state.is_file():
-            if proc.poll() is not None:
-                pytest.fail(f"{STAGE} ended (rc {proc.returncode}) before it could be killed:\n"
-                            f"{proc.stderr.read().decode(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{STAGE}: no training state after {TIMEOUT_S} s")
-            time.sleep(POLL_S)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        sigkill_when(proc, state.is_file, STAGE, TIMEOUT_S,
+                     lambda: proc.stderr.read().decode(errors="replace"))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
     return torch.load(state, map_location="cpu", weights_only=True)
 
 

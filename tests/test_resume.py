@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -36,6 +34,7 @@ from pipeline.paths import Paths
 from pipeline.stages import label as label_stage
 from pipeline.stages import tile as tile_stage
 from pipeline.tiff import write_pyramidal_tiff
+from tests.conftest import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 N_SLIDES = 5
@@ -150,24 +149,12 @@ def _kill_when_finished(cmd: list[str], cwd: Path, finished) -> list[str]:
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while len(finished()) < KILL_AFTER:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace")
-                pytest.fail(f"{cmd} ended (rc {proc.returncode}) before it could be killed:\n"
-                            f"{out[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{cmd}: fewer than {KILL_AFTER} slides after {START_TIMEOUT_S} s")
-            time.sleep(POLL_S)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        sigkill_when(proc, lambda: len(finished()) >= KILL_AFTER, " ".join(cmd),
+                     START_TIMEOUT_S, lambda: proc.stdout.read().decode(errors="replace"),
+                     POLL_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
     return finished()
 
 

@@ -42,6 +42,7 @@ from pipeline.trainstate import (
     state_file,
 )
 from pipeline.unet import UNet
+from tests.conftest import sigkill_when
 from tests.test_baselines import make_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,23 +303,11 @@ def _kill_after_first_state(root: Path, stage: str) -> int:
     log = open(root / f"{stage}.killed.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", stage], cwd=root, env=_env(),
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while not state.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"{stage} ended (rc {proc.returncode}) before it could be killed:\n"
-                            + (root / f"{stage}.killed.log").read_text()[-3000:])
-            if time.monotonic() > deadline:
-                pytest.fail(f"{stage}: no training state after {START_TIMEOUT_S} s")
-            time.sleep(POLL_S)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        sigkill_when(proc, state.exists, stage, START_TIMEOUT_S,
+                     lambda: (root / f"{stage}.killed.log").read_text(), POLL_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()
-    assert proc.returncode == -signal.SIGKILL
     return int(torch.load(state, weights_only=True)["epoch"])
 
 

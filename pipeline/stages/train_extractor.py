@@ -219,6 +219,8 @@ def run(params: Params, paths: Paths) -> dict:
         "train_loss_last": rows[-1][1],
         "n_train_patches": len(train),
         "n_val_patches": len(val),
+        # which encoder, from which weights, fed how (the checkpoint records the same)
+        "encoder": {"arch": p.arch, "pretrained": p.pretrained, **model.encoder_meta()},
     }
     seconds = round(time.time() - t0, 3)  # timings file and summary only, not the metrics
     extra = {"world_size": world} if world > 1 else {}

@@ -197,7 +197,9 @@ def run(params: Params, paths: Paths, standardize: bool | None = None) -> dict:
                              state_path=state_file(paths, STAGE))
     metrics = {**{k: v for k, v in unet.items() if k != "seconds"}, ATTR: source,
                ATTR_STANDARDIZED: bool(standardize), "n_standardization_tiles": n_stats,
-               "extractor_arch": params.extractor.arch}
+               "extractor_arch": params.extractor.arch,
+               "encoder": {"arch": params.extractor.arch,
+                           "pretrained": params.extractor.pretrained, **model.encoder_meta()}}
     write_metrics(paths.reports / f"{REPORT_NAME}.json", metrics)
     # wall times: the summary and reports/timings only (the metrics would change every run)
     timings = {"feature_seconds": feat["seconds"], "unet_seconds": unet["seconds"],
