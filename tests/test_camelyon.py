@@ -294,31 +294,11 @@ def test_froc_hand_derived():
 
 
 def _official_style_score(dets, masks):
-    """Independent re-derivation of the official computation: per lesion a TP prob (0 when
-    missed), FPs as a list, thresholds = distinct values except the lowest, (0, 0) appended,
-    np.interp on the reversed curve."""
-    fps, tps, n_tumors = [], [], 0
-    for slide, mask in masks.items():
-        d = dets.get(slide, np.zeros((0, 3)))
-        if mask is None:
-            fps += list(d[:, 2])
-            continue
-        labels, itc = mask
-        best = np.zeros(labels.max())
-        for x, y, p in d:
-            lab = labels[int(y), int(x)]
-            if lab == 0:
-                fps.append(p)
-            elif lab not in itc and p > best[lab - 1]:
-                best[lab - 1] = p
-        tps += list(best)
-        n_tumors += labels.max() - len(itc)
-    probs = sorted(set(fps + tps))
-    tot_fp = [sum(f >= t for f in fps) for t in probs[1:]] + [0]
-    tot_tp = [sum(v >= t for v in tps) for t in probs[1:]] + [0]
-    fp_rate = np.array(tot_fp) / len(masks)
-    sens = np.array(tot_tp) / n_tumors
-    return float(np.mean(np.interp([0.25, 0.5, 1, 2, 4, 8], fp_rate[::-1], sens[::-1])))
+    """Independent re-derivation of the official computation (`_official_curve`: per lesion a
+    TP prob, 0 when missed; thresholds = distinct values except the lowest; (0, 0) appended),
+    then np.interp at the challenge's FP rates on the increasing curve."""
+    fp_rate, sens = _official_curve(dets, masks)
+    return float(np.mean(np.interp([0.25, 0.5, 1, 2, 4, 8], fp_rate, sens)))
 
 
 def test_froc_matches_official_style_on_random_cases():
