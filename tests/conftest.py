@@ -4,8 +4,10 @@ params for stage tests."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,3 +212,16 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for `python -m pipeline <stage>` (or `dvc repro`) run by a test: this
+    checkout's pipeline, this interpreter as `python`, CPU, one thread, no torchrun variables."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_DEVICE": "cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", ""))
+                                         if p)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PIPELINE_LAUNCHER"):
+        env.pop(k, None)
+    return env

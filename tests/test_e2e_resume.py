@@ -10,7 +10,6 @@ by extract_all. Every run is the real CLI in a fresh process, with one torch thr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pipeline.paths import Paths
 from pipeline.stages.extract_features import extract_all
 from pipeline.trainstate import state_file
 from pipeline.unet import UNet
-from tests.conftest import sigkill_when
+from tests.conftest import sigkill_when, stage_env
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "e2e-finetune"
@@ -71,19 +70,11 @@ def _copy(project: Path, dest: Path) -> Path:
     return dest
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PIPELINE_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PIPELINE_LAUNCHER"):
-        env.pop(k, None)
-    return env
-
-
 CMD = [sys.executable, "-m", "pipeline", STAGE, "--params", "params.yaml"]
 
 
 def _run(root: Path) -> str:
-    r = subprocess.run(CMD, cwd=root, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(CMD, cwd=root, env=stage_env(), capture_output=True, text=True,
                        timeout=TIMEOUT_S)
     assert r.returncode == 0, f"{STAGE} failed:\n{r.stderr[-4000:]}"
     return r.stderr
@@ -93,7 +84,7 @@ def _kill_mid_epoch(root: Path) -> dict:
     """Start the stage, SIGKILL it as soon as its first training state exists (written after
     the first slide); returns that state. Fails if the run ends first."""
     state = state_file(Paths(root), STAGE)
-    proc = subprocess.Popen(CMD, cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(CMD, cwd=root, env=stage_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         sigkill_when(proc, state.is_file, STAGE, TIMEOUT_S,

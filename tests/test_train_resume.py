@@ -42,7 +42,7 @@ from pipeline.trainstate import (
     state_file,
 )
 from pipeline.unet import UNet
-from tests.conftest import sigkill_when
+from tests.conftest import sigkill_when, stage_env
 from tests.test_baselines import make_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,16 +281,8 @@ def _write_params(root: Path, params: Params, **sections) -> None:
     (root / "params.yaml").write_text(json.dumps(raw, indent=1))  # JSON is YAML 1.2
 
 
-def _env() -> dict:
-    # dvc runs the stage command `python -m pipeline ...`: this interpreter must be `python`
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_DEVICE": "cpu",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-
-
 def _cli(root: Path, stage: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=root, env=_env(),
+    res = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=root, env=stage_env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr
@@ -301,7 +293,7 @@ def _kill_after_first_state(root: Path, stage: str) -> int:
     next epoch is then under way); returns the epochs the state holds."""
     state = state_file(Paths(root), stage)
     log = open(root / f"{stage}.killed.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", stage], cwd=root, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", stage], cwd=root, env=stage_env(),
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         sigkill_when(proc, state.exists, stage, START_TIMEOUT_S,
@@ -458,7 +450,7 @@ def test_ddp_state_holds_every_ranks_rngs(tmp_path, caplog):
 
 
 def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(),
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(),
                          capture_output=True, text=True)
     if check:
         assert res.returncode == 0, f"dvc {args}: {res.stdout[-3000:]}{res.stderr[-3000:]}"
@@ -496,7 +488,7 @@ def test_dvc_repro_after_sigkill_resumes_the_real_stage(project, tmp_path):
     killed = runs["killed"]
     state = state_file(Paths(killed), "train-extractor")
     with open(killed / "dvc1.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=killed, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=killed, env=stage_env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not state.exists():
