@@ -38,6 +38,7 @@ from pipeline.jpegtiles import (
     CompressedCentreCrops,
     Decoder,
     assemble,
+    centre_crop_offsets,
     collate_patches,
     torchvision_decoder,
 )
@@ -125,7 +126,7 @@ class _CentreCrops(SlidePatchDataset):
             raise PipelineError(f"{self.index.path}: extractor.crop_px {c} is larger than the "
                                 f"{h}x{w} px tiles")
         # torchvision's CenterCrop offsets, so features match eval_transform exactly
-        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        top, left = centre_crop_offsets(h, w, c)
         return torch.from_numpy(np.ascontiguousarray(arr[top:top + c, left:left + c])), i
 
 

@@ -272,6 +272,13 @@ class CompressedCentreCrops:
         # host: the `decode: cpu` dataset of the same tiles, used for everything not served
         self.host, self.crop_px = host, int(crop_px)
         self.index, self.indices = host.index, host.indices
+        geom = self.index.geometry
+        # once per slide, not per tile: resampled tiles and pixel caches are decoded on the host;
+        # the handle key is the host reader's (path + file identity, one stat)
+        self._served = (geom.read_size_px == geom.tile_size_px
+                        and host._reader.cache_files[0] is None)
+        self._key = "jpeg\0" + host._reader._keys[0] if self._served else ""
+        self._offset = centre_crop_offsets(geom.tile_size_px, geom.tile_size_px, self.crop_px)
 
     def __len__(self) -> int:
         return len(self.host)
@@ -287,17 +294,16 @@ class CompressedCentreCrops:
         return patch, int(self.indices[j])
 
     def _compressed(self, i: int) -> CompressedPatch | None:
-        from pipeline.data import _SLIDE_HANDLES, _file_key
+        from pipeline.data import _SLIDE_HANDLES
 
+        if not self._served:
+            return None
         geom = self.index.geometry
-        if geom.read_size_px != geom.tile_size_px or self.host._reader.cache_files[0] is not None:
-            return None  # resampled tiles / pixel caches: decoded on the host
-        key = "jpeg\0" + _file_key(self.index.slide_path)
-        reader = _SLIDE_HANDLES.get(key, lambda _k: _open_reader(self.index.slide_path))
+        reader = _SLIDE_HANDLES.get(self._key, lambda _k: _open_reader(self.index.slide_path))
         x0, y0 = (int(v) for v in self.index.coords[i])
         ds = geom.level_downsample
         xl, yl = x0 / ds, y0 / ds
         if not (xl.is_integer() and yl.is_integer()):
             return None
-        top, left = centre_crop_offsets(geom.tile_size_px, geom.tile_size_px, self.crop_px)
+        top, left = self._offset
         return reader.read(geom.level, int(xl) + left, int(yl) + top, self.crop_px)
