@@ -55,7 +55,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, h5_is_current, sha256_file
 from pipeline.log import get_logger
 from pipeline.params import LabelParams
-from pipeline.tileindex import read_tile_index
+from pipeline.tileindex import grid_origin_px_level0, read_tile_index
 
 log = get_logger("pipeline.label")
 
@@ -94,10 +94,7 @@ def tile_raster(
     pitch = float(tile_size_px_level0) / n
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     grid = np.asarray(grid, dtype=np.float64).reshape(-1, 2)
-    if len(coords):
-        origin = np.median(coords - grid[:, ::-1] * float(tile_size_px_level0), axis=0)
-    else:
-        origin = np.zeros(2)
+    origin = grid_origin_px_level0(coords, grid, tile_size_px_level0)
     start = np.rint((coords - origin) / pitch).astype(np.int64)
     return TileRaster(n, pitch, (float(origin[0]), float(origin[1])), start)
 

@@ -60,6 +60,22 @@ def geometry_from_attrs(attrs: Mapping[str, Any], source: str = "tile index") ->
     return TileGeometry(**{k: conv(attr_value(attrs[k])) for k, conv in _GEOMETRY_FIELDS.items()})
 
 
+def grid_origin_px_level0(coords: np.ndarray, grid: np.ndarray, pitch_px_level0: float,
+                          whole_px: bool = False) -> np.ndarray:
+    """Level-0 (x, y) of grid vertex (0, 0) for tiles at level-0 top-left `coords` (x, y) and
+    `grid` (row, col): the median of coords - (col, row) * pitch, so the tile stage's rounding
+    of coords to whole pixels does not shift it. whole_px rounds each tile's grid offset and the
+    result to whole pixels (corners that are the tiles' own integer corners). (0, 0) if no tiles.
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if not len(coords):
+        return np.zeros(2)
+    offsets = np.asarray(grid, dtype=np.float64).reshape(-1, 2)[:, ::-1] * float(pitch_px_level0)
+    if whole_px:
+        return np.rint(np.median(coords - np.rint(offsets), axis=0))
+    return np.median(coords - offsets, axis=0)
+
+
 @dataclass(frozen=True, eq=False)
 class TileIndex:
     """The contents of data/tiles/<slide_id>.h5: row i of every array is tile i."""

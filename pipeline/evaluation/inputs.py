@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.paths import Paths
 from pipeline.schema import LABEL, TUMOR_FRACTION, TUMOR_PROB
-from pipeline.tileindex import attr_value, read_tile_index
+from pipeline.tileindex import attr_value, grid_origin_px_level0, read_tile_index
 
 NOT_RUN = "not run"
 
@@ -115,8 +115,7 @@ def load_truth(paths: Paths, row: Any) -> SlideTruth:
     a = idx.attrs
     pitch = float(a["tile_size_px_level0"])
     grid = idx.grid.astype(np.int64)
-    coords = idx.coords.astype(np.float64)
-    origin = np.median(coords - grid[:, ::-1] * pitch, axis=0) if len(grid) else np.zeros(2)
+    origin = grid_origin_px_level0(idx.coords, grid, pitch)
     return SlideTruth(
         slide_id=row.slide_id, split=row.split, patient_id=row.patient_id,
         slide_label=str(row.slide_label), annotation_path=str(row.annotation_path),

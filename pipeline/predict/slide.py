@@ -28,7 +28,7 @@ from pipeline.predict.models import PredictModels
 from pipeline.predict.overlay import write_overlay
 from pipeline.predict.summary import OUTPUT_VERSION, SlideOutputs, is_current, params_key
 from pipeline.slide import TileGeometry
-from pipeline.tileindex import TileIndex, read_tile_index
+from pipeline.tileindex import TileIndex, grid_origin_px_level0, read_tile_index
 from pipeline.tiling import tile_slide
 
 log = get_logger("pipeline.predict")
@@ -115,7 +115,7 @@ def _heatmap(index: TileIndex, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray
     grid = index.grid.astype(np.int64)
     heat = np.full((rows, cols), np.nan, np.float32)
     heat[grid[:, 0], grid[:, 1]] = prob
-    origin = np.rint(np.median(index.coords - np.rint(grid[:, ::-1] * pitch_px), axis=0))
+    origin = grid_origin_px_level0(index.coords, grid, pitch_px, whole_px=True)
     return heat, origin
 
 
