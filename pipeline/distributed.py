@@ -158,6 +158,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj: T, world: int) -> list[T]:
+    """[obj of every rank], in rank order (pickled: small objects only); [obj] in a plain run
+    (world 1). Every rank must call it, in step."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard(seq: Sequence[T], rank: int, world: int) -> list[T]:
     """Items rank, rank + world, ... of `seq` (slide i -> rank i % world); world=1: all."""
     if world < 1 or not 0 <= rank < world:

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline.augment import normalize_only
 from pipeline.data import SlidePatchDataset, loader_kwargs
-from pipeline.distributed import barrier, init_if_needed, summary_sum
+from pipeline.distributed import barrier, gather_objects, init_if_needed, summary_sum
 from pipeline.distributed import shard as shard_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_h5, h5_is_current, sha256_file
@@ -444,13 +444,7 @@ class _Extraction:
 
 def _all_ranks(failed: dict[str, str], world: int) -> dict[str, str]:
     """Every rank's failures (slide_id -> error), in rank order."""
-    if world == 1:
-        return dict(failed)
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, failed)
-    return {k: v for part in parts for k, v in part.items()}
+    return {k: v for part in gather_objects(failed, world) for k, v in part.items()}
 
 
 def _loader_groups(

@@ -158,7 +158,7 @@ def _rank_worker(rank: int, world: int, out_dir: str, port: int) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipeline.distributed import all_reduce_mean_grads, init_if_needed
+    from pipeline.distributed import all_reduce_mean_grads, gather_objects, init_if_needed
     from pipeline.stages.e2e_finetune import e2e_step
     from pipeline.stages.train_extractor import train_step
 
@@ -177,6 +177,7 @@ def _rank_worker(rank: int, world: int, out_dir: str, port: int) -> None:
     m["a"].weight.grad = torch.full((1, 2), float(rank + 1))
     res["total_w"] = all_reduce_mean_grads(m, weight=1.0 if rank == 0 else 0.0)
     res["a_w"] = m["a"].weight.grad.clone()
+    res["gathered"] = gather_objects({f"slide{rank}": f"error {rank}"}, world)
 
     # 2. train-extractor step under DDP, half the global batch per rank (strided, as the
     #    sharded sampler gives it).
@@ -226,6 +227,15 @@ def test_all_reduce_mean_grads_averages_known_gradients(two_ranks):
         assert res["c_is_none"]  # no rank had a gradient: stays None
         assert res["total_w"] == 1.0
         assert torch.equal(res["a_w"], torch.full((1, 2), 1.0))  # only rank 0's counts
+
+
+def test_gather_objects_lists_every_rank_in_rank_order(two_ranks):
+    from pipeline.distributed import gather_objects
+
+    for res in two_ranks:
+        assert res["gathered"] == [{"slide0": "error 0"}, {"slide1": "error 1"}]
+    obj = {"slide0": "error"}
+    assert gather_objects(obj, 1)[0] is obj  # a plain run: no collective, the object itself
 
 
 def test_ddp_train_step_equals_single_process_step_on_the_whole_batch(two_ranks):

@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +61,7 @@ from pipeline.distributed import (
     all_reduce_sum,
     barrier,
     check_in_sync,
+    gather_objects,
     init_if_needed,
     relaunch_if_requested,
     shard,
@@ -288,15 +288,6 @@ def _moved(r: _Run) -> dict[str, float]:
             "seg_moved_fraction": seg["moved_fraction"], "seg_rel_l2": seg["rel_l2"]}
 
 
-def _gather(obj: Any, world: int) -> list:
-    """[obj of every rank] (a plain run: [obj])."""
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _save_due(step: int, world: int, every: int) -> bool:
     """True when step `step` (0-based) of an epoch completes a multiple of `every` slides."""
     return every > 0 and ((step + 1) * world) // every > (step * world) // every
@@ -347,7 +338,7 @@ def _train(r: _Run, p: E2EParams, seed: int, ts: TrainState, prog: Progress) -> 
             if _save_due(step, r.world, p.state_every_slides) and step + 1 < len(plan):
                 prog.extra = {"order": torch.from_numpy(np.asarray(order, np.int64)),
                               "next_step": step + 1,
-                              "acc": _gather((list(losses), n_pat, n_ref), r.world)}
+                              "acc": gather_objects((list(losses), n_pat, n_ref), r.world)}
                 ts.save(prog, force=True)  # e2e's cadence is e2e.state_every_slides
         loss_sum, n_loss, n_pat, n_ref = all_reduce_sum(
             [float(np.sum(losses)), len(losses), n_pat, n_ref], r.device)
