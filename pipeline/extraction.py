@@ -24,6 +24,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
@@ -337,9 +338,11 @@ def extract_slide(
 def extract_all(
     params: Params, paths: Paths, checkpoint: Path, variant: str = "",
     shard: tuple[int, int] | None = None, on_error: str = "stop",
+    manifest: pd.DataFrame | None = None,
 ) -> dict:
     """Features for every manifest slide with the extractor in `checkpoint`, into
-    paths.feature_file(slide, variant). Skips slides whose file is current.
+    paths.feature_file(slide, variant). Skips slides whose file is current. `manifest`: the
+    caller's loaded params.data.manifest (else it is loaded here).
 
     `shard` (i, n) keeps slides i, i+n, ... (array jobs). Under torchrun each rank then takes
     its part of those (slide -> rank by position, `pipeline.distributed.shard`), writes its own
@@ -354,7 +357,8 @@ def extract_all(
     model.to(device)
     sha = sha256_file(checkpoint)
     phash = feature_params_hash(params, sha)
-    manifest = load_manifest(params.data.manifest)
+    if manifest is None:
+        manifest = load_manifest(params.data.manifest)
     slide_ids = selected(manifest["slide_id"], shard)
     n_slides = len(slide_ids)
     slide_ids = shard_of(slide_ids, rank, world)

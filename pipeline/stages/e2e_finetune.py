@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import typer
 from torch import nn
@@ -374,7 +375,7 @@ def _one_step(r: _Run, p: E2EParams, slides: list[int], epoch: int, step: int,
     return out
 
 
-def _val_jobs(params: Params, paths: Paths, manifest, rank: int,
+def _val_jobs(params: Params, paths: Paths, manifest: pd.DataFrame, rank: int,
               world: int) -> tuple[list[SlideJob], ChunkReader | None]:
     """This rank's share of the val slides (select=best_val), over their own reader."""
     val_ids = shard(list(manifest.loc[manifest["split"] == "val", "slide_id"]), rank, world)
@@ -391,7 +392,7 @@ def _val_jobs(params: Params, paths: Paths, manifest, rank: int,
     return jobs, reader
 
 
-def _setup(params: Params, paths: Paths, rank: int, world: int,
+def _setup(params: Params, paths: Paths, manifest: pd.DataFrame, rank: int, world: int,
            device: torch.device) -> tuple[_Run, dict, dict]:
     """Models (from the Separate Learning checkpoints), optimizers, train slides, reader."""
     p = params.e2e
@@ -402,7 +403,6 @@ def _setup(params: Params, paths: Paths, rank: int, world: int,
     unet.to(device).eval()
     opt_fe = make_optimizer(extractor, p.lr_fe, p.master_dtype)
     opt_seg = make_optimizer(unet, p.lr_seg, p.master_dtype)
-    manifest = load_manifest(params.data.manifest)
     train_ids = list(manifest.loc[manifest["split"] == "train", "slide_id"])
     if not train_ids:
         raise TrainingError(f"{params.data.manifest}: no train slides for e2e-finetune")
@@ -434,8 +434,8 @@ def run(params: Params, paths: Paths) -> dict:
     main = rank == 0
     seed_everything(params.seed)
     device = pick_device()
-    r, ext_meta, unet_meta = _setup(params, paths, rank, world, device)
     manifest = load_manifest(params.data.manifest)
+    r, ext_meta, unet_meta = _setup(params, paths, manifest, rank, world, device)
     val_ids = (list(manifest.loc[manifest["split"] == "val", "slide_id"])
                if p.select == "best_val" else [])  # every rank's: one fingerprint
     ts = TrainState(state_file(paths, STAGE), _fingerprint(params, paths, r.train_ids + val_ids),
@@ -461,7 +461,7 @@ def run(params: Params, paths: Paths) -> dict:
     unet.to(device)
     # Evaluation needs every slide's features from the finetuned extractor, and its U-Net maps;
     # both are split over the ranks (slide i -> rank i % world).
-    feat_summary = extract_all(params, paths, ext_ckpt, variant="e2e")
+    feat_summary = extract_all(params, paths, ext_ckpt, variant="e2e", manifest=manifest)
     sha = sha256_file(unet_ckpt)
     for sid in shard(list(manifest["slide_id"]), rank, world):
         ms = load_slide_maps(paths.feature_file(sid, "e2e"), sid, params)

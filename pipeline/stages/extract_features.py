@@ -27,9 +27,10 @@ STAGE = "extract-features"
 def run(params: Params, paths: Paths, shard: tuple[int, int] | None = None,
         on_error: str = "stop") -> dict:
     mode = on_error_mode(on_error)
-    summary = extract_all(params, paths, paths.models / "extractor.pt", "", shard, mode)
+    manifest = load_manifest(params.data.manifest)
+    summary = extract_all(params, paths, paths.models / "extractor.pt", "", shard, mode,
+                          manifest)
     if is_main():
-        manifest = load_manifest(params.data.manifest)
         slide_paths = dict(zip(manifest["slide_id"], manifest["slide_path"], strict=True))
         done = SlideRun(mode, failed=summary["failed"])
         n_done = summary["n_extracted"] + summary["n_current"]
