@@ -238,10 +238,12 @@ def label_slide(
     params_hash: str,
     tile_params_hash: str,
     recorded_annotation_path: str | None = None,
+    input_sha256: tuple[str, str] | None = None,
 ) -> dict:
     """Label one slide's tiles and write `out_file` atomically. Returns its counts.
     `recorded_annotation_path` is what the file records (`Paths.recorded`; default: the
-    path as given)."""
+    path as given). `input_sha256`: (annotation_sha, tile_sha) of the inputs if the caller
+    has them already (the label stage hashes them to find stale label files)."""
     t0 = time.perf_counter()
     if not h5_is_current(tile_file, tile_params_hash):
         raise LabelError(
@@ -272,8 +274,8 @@ def label_slide(
         f.attrs["params_hash"] = params_hash
         f.attrs["annotation_path"] = (annotation_path if recorded_annotation_path is None
                                       else recorded_annotation_path)
-        f.attrs["annotation_sha256"] = annotation_sha(annotation_path)
-        f.attrs["tile_index_sha256"] = sha256_file(tile_file)
+        f.attrs["annotation_sha256"], f.attrs["tile_index_sha256"] = input_sha256 or (
+            annotation_sha(annotation_path), sha256_file(tile_file))
         f.attrs["annotation_format"] = fmt
         f.attrs["raster_um"] = float(raster_um)
         f.attrs["tumor_min"] = float(label_params.tumor_min)

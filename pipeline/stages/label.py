@@ -80,20 +80,22 @@ def run(
     if shard is None:
         warn_unreferenced_annotations(manifest_path, rows)
     # An annotation edited in place (same path) must relabel: compare its content hash too.
+    # Hashed once: label_slide records these.
+    shas = {r.slide_id: (annotation_sha(r.annotation_path), tile_sha(paths.tile_file(r.slide_id)))
+            for r in mine}
     todo = [r for r in mine if not h5_is_current(paths.label_file(r.slide_id), params_hash,
                                                  annotation_path=paths.recorded(
                                                      r.annotation_path, paths.labels),
-                                                 annotation_sha256=annotation_sha(
-                                                     r.annotation_path),
-                                                 tile_index_sha256=tile_sha(
-                                                     paths.tile_file(r.slide_id)))]
+                                                 annotation_sha256=shas[r.slide_id][0],
+                                                 tile_index_sha256=shas[r.slide_id][1])]
     log.info("label: %d slide(s) in %s%s, %d current, %d to label", len(mine), manifest_path,
              f" (shard {shard[0]}/{shard[1]})" if shard else "", len(mine) - len(todo), len(todo))
 
     def job_args(r) -> tuple:
         out = paths.label_file(r.slide_id)
         return (r.slide_id, paths.tile_file(r.slide_id), r.annotation_path, out, params.label,
-                params_hash, tile_hash, paths.recorded(r.annotation_path, out.parent))
+                params_hash, tile_hash, paths.recorded(r.annotation_path, out.parent),
+                shas[r.slide_id])
 
     done = run_slides([(r.slide_id, label_slide, job_args(r)) for r in todo], on_error,
                       workers if workers is not None else params.tile.workers, "label", log)
