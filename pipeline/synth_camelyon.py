@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
+from pipeline.synth import slide_label
 
 LEVEL0_MPP = 0.243  # CAMELYON16 level 0 (Radboud / Utrecht scanners), um/px
 TILE_PX = 512  # TIFF tile side (most CAMELYON16 slides)
@@ -63,7 +64,6 @@ TUMOR_NUCLEI = ((3.6, 5.5), 0.0048, (1.3, 1.8))
 NORMAL_STROMA = (0.10, 0.60)
 TUMOR_STROMA = (0.28, 0.38)
 
-CAMELYON17_MACRO_UM, CAMELYON17_MICRO_UM = 2000.0, 200.0
 ASAP_GROUP_COLORS = {"_0": "#F4FA58", "_1": "#F4FA58", "_2": "#64FE2E"}
 
 
@@ -151,20 +151,6 @@ def plan_camelyon_slide(
                                rng.uniform(0, np.pi), rng, n_vertices=48))
     return CamelyonSlideSpec(width_px, height_px, seed, tuple(lumps), tuple(tumors),
                              tuple(exclusions), mpp)
-
-
-def longest_diameter_px(poly: np.ndarray) -> float:
-    d = poly[:, None, :] - poly[None, :, :]
-    return float(np.sqrt((d**2).sum(-1)).max())
-
-
-def camelyon17_label(spec: CamelyonSlideSpec) -> str:
-    """negative / itc / micro / macro from the largest tumor's longest diameter."""
-    if not spec.tumors:
-        return "negative"
-    d_um = max(longest_diameter_px(t) for t in spec.tumors) * spec.mpp
-    return ("macro" if d_um > CAMELYON17_MACRO_UM else "micro" if d_um > CAMELYON17_MICRO_UM
-            else "itc")
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -402,7 +388,7 @@ def write_camelyon_set(
         write_camelyon_tiff(spec, out / f"{sid}.tif", quality)
         write_camelyon_xml(out / f"{sid}.xml", spec)
         rows.append([sid, f"{sid}.tif", f"{sid}.xml", splits[i % len(splits)], sid,
-                     camelyon17_label(spec)])
+                     slide_label(spec.tumors, spec.mpp)])
     manifest = out / "manifest.csv"
     with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
