@@ -134,11 +134,16 @@ def h5_is_current(path: str | Path, params_hash: str, **expected_attrs: Any) -> 
     return True
 
 
+def hash_file_into(h: Any, path: str | Path, chunk: int = 1 << 20) -> None:
+    """Feed the bytes of `path` to the hashlib object `h`, a chunk at a time (any file size)."""
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    hash_file_into(h, path, chunk)
     return h.hexdigest()

@@ -86,7 +86,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, remove_stale_temps
+from pipeline.io import atomic_path, hash_file_into, remove_stale_temps
 from pipeline.log import get_logger
 
 if TYPE_CHECKING:
@@ -138,9 +138,7 @@ def _feed(h: Any, p: Any) -> None:
         h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
     elif isinstance(p, Path):
         h.update(b"file:")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        hash_file_into(h, p)
         h.update(b";")
     elif isinstance(p, Mapping):
         h.update(b"map{")
