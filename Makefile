@@ -39,8 +39,7 @@ test: $(STAMP)
 SEEDS ?= 1 2 0
 table1: $(STAMP)
 	for s in $(SEEDS); do dvc exp run -S seed=$$s || exit 1; done
-	dvc exp show --json > reports/exp_show.json
-	$(PY) -m pipeline.table1 --from-exp-show reports/exp_show.json --out reports/table1.md
+	$(PY) -m pipeline.table1 --from-repo --out reports/table1.md
 	@echo "Wrote reports/table1.md"
 
 lint: $(STAMP)

@@ -2,6 +2,8 @@
 paper's Table 1 form (Method | Accuracy (%) | PR-AUC (%)), plus a table of further metrics.
 
 Inputs, either
+  --from-repo [DIR]      the experiments of the DVC project DIR (default: this one), read with
+                         DVC's Python API in this process: the same records as
   --from-exp-show FILE   the output of `dvc exp show --json` (DVC 3.x: a list of ExpState
                          records, each baseline commit with its `experiments` ranges; the DVC 2.x
                          dict layout is read too). The experiments' reports/metrics.json data are
@@ -15,6 +17,7 @@ Runs must differ only in the seed: runs whose params.yaml differ in any other ke
 metrics were computed on another split/threshold, stop the script with the keys named
 (`--allow-mixed` overrides the params check).
 
+    python -m pipeline.table1 --from-repo --out reports/table1.md
     python -m pipeline.table1 --from-exp-show exp.json --out reports/table1.md
     python -m pipeline.table1 --metrics s0/metrics.json s1/metrics.json --out table1.md
 """
@@ -22,6 +25,7 @@ metrics were computed on another split/threshold, stop the script with the keys 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -188,6 +192,32 @@ def parse_exp_show(
             if r is not None:
                 runs.append(r)
     return runs, skipped
+
+
+def _exp_json_default(o: Any) -> Any:
+    """How `dvc exp show --json` writes what JSON has no type for."""
+    if isinstance(o, (datetime.date, datetime.datetime)):
+        return o.isoformat()
+    if isinstance(o, Exception):
+        return {"type": type(o).__name__, "msg": str(o)}
+    raise TypeError(f"exp show: cannot write a {type(o).__name__} as JSON")
+
+
+def exp_show_records(repo: str | Path = ".") -> list[dict[str, Any]]:
+    """The records `dvc exp show --json` prints for the DVC project `repo` (experiments of HEAD),
+    from DVC's Python API, for `parse_exp_show`. Not `dvc.api.exp_show`: that returns the CLI
+    table's rows (timestamps to the minute, which cannot tell the newest of two runs; integers as
+    floats; metrics columns not told apart from params), `Repo.experiments.show` under it keeps
+    the full records."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo.open(str(repo)) as dvc_repo:
+            states = dvc_repo.experiments.show()
+            return json.loads(json.dumps([s.dumpd() for s in states], default=_exp_json_default))
+    except DvcException as exc:
+        raise TableError(f"{repo}: cannot list the DVC experiments ({exc})") from None
 
 
 def read_metrics_files(paths: Sequence[str | Path], seed_key: str = "seed") -> list[RunMetrics]:
@@ -373,12 +403,23 @@ def format_table1(runs: Sequence[RunMetrics]) -> str:
     return "\n".join(out)
 
 
+def _read_exp_show(source: str) -> Any:
+    """A saved `dvc exp show --json` output ('-': stdin)."""
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TableError(f"{source}: not JSON ({exc})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: python -m pipeline.table1 (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m pipeline.table1",
                                  description="Table 1 (mean ± std over seeds) from DVC "
                                  "experiments or metrics.json files.")
     src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-repo", nargs="?", const=".", metavar="DIR",
+                     help="the experiments of this DVC project (default: the current one)")
     src.add_argument("--from-exp-show", metavar="JSON",
                      help="output of `dvc exp show --json` ('-' = stdin)")
     src.add_argument("--metrics", nargs="+", metavar="JSON", help="metrics.json files")
@@ -396,13 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="tabulate runs even if they differ in params other than the seed")
     a = ap.parse_args(argv)
     try:
-        if a.from_exp_show is not None:
-            text = sys.stdin.read() if a.from_exp_show == "-" else \
-                Path(a.from_exp_show).read_text()
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TableError(f"{a.from_exp_show}: not JSON ({exc})") from None
+        if a.from_repo is not None or a.from_exp_show is not None:
+            obj = exp_show_records(a.from_repo) if a.from_repo is not None else \
+                _read_exp_show(a.from_exp_show)
             runs, skipped = parse_exp_show(obj, a.metrics_file, seed_key=a.seed_key)
             for s in skipped:
                 log.info("exp show: skipped %s", s)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -32,6 +35,7 @@ from pipeline.paths import Paths
 from pipeline.slide_classify import feature_names
 from pipeline.stages import evaluate
 from pipeline.table1 import (
+    exp_show_records,
     format_table1,
     main,
     parse_exp_show,
@@ -449,6 +453,46 @@ def test_exp_show_parsing(tmp_path):
     assert "exp-s0 (seed 0), exp-s1 (seed 1), exp-s2 (seed 2)" in text
     assert main(["--from-exp-show", str(src), "--out", str(out), "--exp", "nope"]) == 1
 
+
+_METRICS_SCRIPT = """import json, yaml
+from pathlib import Path
+seed = yaml.safe_load(open("params.yaml"))["seed"]
+acc = {0: 0.90, 1: 0.92, 2: 0.94}[seed]
+text = Path("template.json").read_text().replace('"SEED"', str(seed))
+Path("reports").mkdir(exist_ok=True)
+Path("reports/metrics.json").write_text(text.replace('"ACC"', str(acc)))
+"""
+
+
+def test_table1_from_repo_equals_the_exp_show_json(tmp_path):
+    """`--from-repo` (DVC's Python API) gives the table `dvc exp show --json` gives, on a real
+    DVC project with four experiments (seed 0 twice: the newer one counts)."""
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    (repo / "template.json").write_text(json.dumps(_metrics("SEED", "ACC", 0.80)))
+    (repo / "metrics.py").write_text(_METRICS_SCRIPT)
+    (repo / "params.yaml").write_text("seed: 0\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  ev:\n    cmd: python metrics.py\n    deps: [metrics.py, template.json]\n"
+        "    params: [seed]\n    metrics:\n    - reports/metrics.json:\n        cache: false\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "repro", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"],
+                *([*dvc, "exp", "run", "-q", "-S", f"seed={s}"] for s in (0, 1, 2, 0))):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=repo, env=env, check=True,
+                           capture_output=True, text=True).stdout
+    (tmp_path / "exp.json").write_text(shown)
+    assert exp_show_records(repo) == json.loads(shown)
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    assert main(["--from-repo", str(repo), "--out", str(a)]) == 0
+    assert main(["--from-exp-show", str(tmp_path / "exp.json"), "--out", str(b)]) == 0
+    assert a.read_text() == b.read_text()
+    assert "| Separate Learning | 92.00 ± 2.00 | 80.00 ± 0.00 |" in a.read_text()
+    assert main(["--from-repo", str(tmp_path), "--out", str(a)]) == 1  # not a DVC project
 
 def test_exp_show_dvc2_layout():
     m = _metrics(4, 0.9, 0.8)
