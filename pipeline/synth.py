@@ -235,9 +235,30 @@ def plan_slide(
         raise ValueError(f"unknown slide label {label!r}")
     size_px = int(round(slide_um / mpp))
     um = 1.0 / mpp  # px per um
-    side = size_px
+    # The parts are drawn in this order from the one `rng`: a slide is a function of its seed.
+    lumps = _plan_lumps(label, size_px, rng)
+    tumors = _plan_tumors(_tumor_targets_um(label, rng), lumps, um, rng)
+    exclusions, islands = _plan_inside_tumors(tumors, um, rng)
+    look = _plan_lookalikes(lumps, tumors, um, rng)
+    follicles = _plan_follicles(lumps, um, rng)
+    return SlideSpec(
+        width_px=size_px,
+        height_px=size_px,
+        mpp=mpp,
+        seed=int(rng.integers(2**63 - 1)),
+        tissue=tuple(lumps),
+        tumor=tuple(tumors),
+        exclusions=tuple(exclusions),
+        lookalikes=tuple(look),
+        normal_islands=tuple(islands),
+        follicles=tuple(follicles),
+        stain_scale=(float(rng.uniform(0.88, 1.12)), float(rng.uniform(0.85, 1.15))),
+        meta={"target_label": label},
+    )
 
-    # -- tissue lumps: 1-3 blobs, each inside its own strip of the slide (never overlapping)
+
+def _plan_lumps(label: str, side: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Tissue lumps: 1-3 blobs, each inside its own strip of the slide (never overlapping)."""
     n_lumps = int(rng.choice([1, 2], p=[0.5, 0.5]) if label == "macro"
                   else rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
     cells = _lump_cells(rng, n_lumps, side, big_first=(label == "macro" and n_lumps > 1))
@@ -248,10 +269,12 @@ def plan_slide(
         cy = y0 + h * (0.5 + rng.uniform(-0.025, 0.025))
         radii = (0.41 * w * rng.uniform(0.93, 1.0), 0.41 * h * rng.uniform(0.93, 1.0))
         lumps.append(blob_polygon((cx, cy), radii, 0.0, 0.15, rng, n_vertices=160))
-    areas = [float(np.ptp(p[:, 0]) * np.ptp(p[:, 1])) for p in lumps]
-    main_lump = lumps[int(np.argmax(areas))]
+    return lumps
 
-    # -- tumors: the main one sets the class; satellites are smaller classes
+
+def _tumor_targets_um(label: str, rng: np.random.Generator) -> list[float]:
+    """Longest diameters (um) to aim at: the main tumor sets the class; satellites are smaller
+    classes."""
     targets: list[float] = []
     if label == "macro":
         targets = [rng.uniform(2200, 2900)]
@@ -262,8 +285,17 @@ def plan_slide(
         targets += [rng.uniform(80, 170) for _ in range(rng.integers(0, 2))]
     elif label == "itc":
         targets = [rng.uniform(80, 170) for _ in range(rng.integers(1, 4))]
+    return targets
+
+
+def _plan_tumors(targets_um: Sequence[float], lumps: Sequence[np.ndarray], um: float,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """Tumors of the target diameters: the first in the largest lump, the others in any; each
+    shrunk until it fits (left out if it never does)."""
+    areas = [float(np.ptp(p[:, 0]) * np.ptp(p[:, 1])) for p in lumps]
+    main_lump = lumps[int(np.argmax(areas))]
     tumors: list[np.ndarray] = []
-    for i, d_um in enumerate(targets):
+    for i, d_um in enumerate(targets_um):
         homes = [main_lump] if i == 0 else [lumps[j] for j in rng.permutation(len(lumps))]
         avoid = [(t.mean(0), _radius(t) + 200 * um) for t in tumors]
         poly = None
@@ -280,8 +312,13 @@ def plan_slide(
             d *= 0.88
         if poly is not None:
             tumors.append(poly)
+    return tumors
 
-    # -- exclusions (annotated normal inside tumor) and normal-looking islands (not annotated)
+
+def _plan_inside_tumors(tumors: Sequence[np.ndarray], um: float, rng: np.random.Generator,
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(exclusions: annotated normal inside a tumor, normal-looking islands: not annotated), in
+    tumors of 1000 um and more."""
     exclusions: list[np.ndarray] = []
     islands: list[np.ndarray] = []
     for t in tumors:
@@ -301,8 +338,12 @@ def plan_slide(
             if s is not None:
                 islands.append(s)
                 taken.append((s.mean(0), _radius(s) + 150 * um))
+    return exclusions, islands
 
-    # -- tumor-like look-alike clusters in normal tissue, isolated and about one tile big
+
+def _plan_lookalikes(lumps: Sequence[np.ndarray], tumors: Sequence[np.ndarray], um: float,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """Tumor-like look-alike clusters in normal tissue, isolated and about one tile big."""
     look: list[np.ndarray] = []
     avoid = [(t.mean(0), _radius(t) + 450 * um) for t in tumors]
     for _ in range(int(rng.integers(3, 8))):
@@ -312,8 +353,12 @@ def plan_slide(
         if p is not None:
             look.append(p)
             avoid.append((p.mean(0), _radius(p) + 300 * um))
+    return look
 
-    # -- lymphoid follicles: dense small dark nuclei anywhere in normal tissue
+
+def _plan_follicles(lumps: Sequence[np.ndarray], um: float,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Lymphoid follicles: dense small dark nuclei anywhere in normal tissue."""
     follicles: list[np.ndarray] = []
     for home in lumps:
         for _ in range(int(rng.integers(1, 5))):
@@ -321,21 +366,7 @@ def plan_slide(
                        n_vertices=48)
             if p is not None:
                 follicles.append(p)
-
-    return SlideSpec(
-        width_px=size_px,
-        height_px=size_px,
-        mpp=mpp,
-        seed=int(rng.integers(2**63 - 1)),
-        tissue=tuple(lumps),
-        tumor=tuple(tumors),
-        exclusions=tuple(exclusions),
-        lookalikes=tuple(look),
-        normal_islands=tuple(islands),
-        follicles=tuple(follicles),
-        stain_scale=(float(rng.uniform(0.88, 1.12)), float(rng.uniform(0.85, 1.15))),
-        meta={"target_label": label},
-    )
+    return follicles
 
 
 # ---------------------------------------------------------------------------------- rendering
