@@ -24,6 +24,7 @@ import torch
 import typer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from pipeline.augment import eval_transform, train_transform
 from pipeline.data import PatchDataset, PatchItems, collect_labelled, patch_loader
@@ -41,7 +42,7 @@ from pipeline.encoders import PRETRAINED_DIR
 from pipeline.io import write_json_atomic, write_text_atomic, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
-from pipeline.models import build_extractor, save_checkpoint
+from pipeline.models import PatchClassifier, build_extractor, save_checkpoint
 from pipeline.params import Params, load_params
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, autocast, check_finite, pick_device, seed_everything
@@ -141,20 +142,10 @@ def _fingerprint(params: Params, train: PatchItems, val: PatchItems) -> str:
                          it.tile_idx, it.labels) for it in (train, val)])
 
 
-def run(params: Params, paths: Paths) -> dict:
-    t0 = time.time()
+def _model(params: Params, paths: Paths, device: torch.device, rank: int,
+           world: int) -> tuple[PatchClassifier, nn.Module]:
+    """(the patch classifier, the module to train: itself, or its DDP wrapper under torchrun)."""
     p = params.extractor
-    rank, world, _ = init_if_needed()
-    main = rank == 0
-    seed_everything(params.seed)
-    device = pick_device()
-    manifest = load_manifest(params.data.manifest)
-    train = collect_labelled(manifest, paths, "train")
-    val = collect_labelled(manifest, paths, "val")
-    if len(train) == 0:
-        raise TrainingError(f"{params.data.manifest}: the train split has no labelled tiles")
-    batch_size = per_rank_batch(p.batch_size, world)
-
     model = build_extractor(p.arch, p.feature_dim, p.pretrained, timm_kwargs=p.timm_kwargs,
                             weights_dir=paths.models / PRETRAINED_DIR).to(device)
     if device.type == "cuda":
@@ -170,7 +161,14 @@ def run(params: Params, paths: Paths) -> dict:
         torch.manual_seed(rank_seed(params.seed, rank, world))
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=p.lr)
+    return model, net
+
+
+def _loaders(params: Params, model: PatchClassifier, train: PatchItems, val: PatchItems,
+             batch_size: int, rank: int, world: int,
+             ) -> tuple[ShardedBalancedSampler, DataLoader, DataLoader | None]:
+    """(train sampler, train loader, val loader or None when this rank has no val patch)."""
+    p = params.extractor
     cache = params.tile.cache_pixels
     loader_seed = rank_seed(params.seed, rank, world)
     sampler = ShardedBalancedSampler(train.labels, params.seed, p.balance, rank, world)
@@ -188,6 +186,26 @@ def run(params: Params, paths: Paths) -> dict:
                          pixel_cache=cache),
             batch_size, p.workers, seed=loader_seed,
         )
+    return sampler, train_loader, val_loader
+
+
+def run(params: Params, paths: Paths) -> dict:
+    t0 = time.time()
+    p = params.extractor
+    rank, world, _ = init_if_needed()
+    main = rank == 0
+    seed_everything(params.seed)
+    device = pick_device()
+    manifest = load_manifest(params.data.manifest)
+    train = collect_labelled(manifest, paths, "train")
+    val = collect_labelled(manifest, paths, "val")
+    if len(train) == 0:
+        raise TrainingError(f"{params.data.manifest}: the train split has no labelled tiles")
+    batch_size = per_rank_batch(p.batch_size, world)
+    model, net = _model(params, paths, device, rank, world)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=p.lr)
+    sampler, train_loader, val_loader = _loaders(params, model, train, val, batch_size, rank,
+                                                 world)
     if not len(val):
         log.warning("val split has no labelled tiles: best checkpoint chosen by train loss")
     log.info("device %s, arch %s (pretrained=%s), %d train patches/epoch (of %d), %d val%s",
@@ -206,9 +224,21 @@ def run(params: Params, paths: Paths) -> dict:
         prog.consider(row[3], epoch, ts.models)
         prog.epoch, prog.step = epoch + 1, prog.step + len(train_loader)
         ts.save(prog, force=epoch == p.epochs - 1)
-    rows, best_epoch = prog.rows, prog.best_epoch
     selected = select_weights(prog, p.select, ts.models)
-    ckpt = paths.models / CHECKPOINT
+    metrics = _metrics(params, model, prog.rows, prog.best_epoch, selected, len(train),
+                       len(val), world)
+    seconds = round(time.time() - t0, 3)  # timings file and summary only, not the metrics
+    if main:
+        _write_outputs(params, paths, model, metrics, prog.rows, seconds)
+    barrier()  # the outputs exist for every rank once this returns
+    ts.discard()  # outputs written: the training state has served its purpose
+    return {**metrics, "seconds": seconds}
+
+
+def _metrics(params: Params, model: PatchClassifier, rows: list, best_epoch: int, selected: int,
+             n_train: int, n_val: int, world: int) -> dict:
+    """reports/train_extractor.json: the selected epoch's validation and the encoder."""
+    p = params.extractor
     _, _, _, sel_val_loss, sel_val_acc = rows[selected]
     metrics = {
         "best_epoch": best_epoch,
@@ -217,32 +247,36 @@ def run(params: Params, paths: Paths) -> dict:
         "val_loss": sel_val_loss,
         "val_accuracy": sel_val_acc,
         "train_loss_last": rows[-1][1],
-        "n_train_patches": len(train),
-        "n_val_patches": len(val),
+        "n_train_patches": n_train,
+        "n_val_patches": n_val,
         # which encoder, from which weights, fed how (the checkpoint records the same)
         "encoder": {"arch": p.arch, "pretrained": p.pretrained, **model.encoder_meta()},
     }
-    seconds = round(time.time() - t0, 3)  # timings file and summary only, not the metrics
-    extra = {"world_size": world} if world > 1 else {}
-    metrics.update(extra)
-    if main:
-        save_checkpoint(ckpt, model.cpu(), {
-            "params_json": params.section_json("seed", "extractor", "tile"),
-            "best_epoch": best_epoch, "select": p.select, "selected_epoch": selected,
-            "val_loss": sel_val_loss, **extra,
-        })
-        write_json_atomic(paths.reports / METRICS, metrics)
-        csv = "epoch,train_loss,train_accuracy,val_loss,val_accuracy\n" + "".join(
-            f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
-        )
-        write_text_atomic(paths.reports / CURVES, csv)
-        write_timings(paths, STAGE, seconds=seconds)
-        log.info("wrote %s (%s: epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, p.select,
-                 selected, sel_val_loss, paths.reports / METRICS, paths.reports / CURVES, seconds)
-    barrier()  # the outputs exist for every rank once this returns
-    ts.discard()  # outputs written: the training state has served its purpose
-    return {**metrics, "seconds": seconds}
+    if world > 1:
+        metrics["world_size"] = world
+    return metrics
 
+
+def _write_outputs(params: Params, paths: Paths, model: PatchClassifier, metrics: dict,
+                   rows: list, seconds: float) -> None:
+    """Rank 0: the checkpoint, the metrics, the per-epoch curves and the wall time."""
+    p = params.extractor
+    ckpt = paths.models / CHECKPOINT
+    extra = {"world_size": metrics["world_size"]} if "world_size" in metrics else {}
+    save_checkpoint(ckpt, model.cpu(), {
+        "params_json": params.section_json("seed", "extractor", "tile"),
+        "best_epoch": metrics["best_epoch"], "select": p.select,
+        "selected_epoch": metrics["selected_epoch"], "val_loss": metrics["val_loss"], **extra,
+    })
+    write_json_atomic(paths.reports / METRICS, metrics)
+    csv = "epoch,train_loss,train_accuracy,val_loss,val_accuracy\n" + "".join(
+        f"{e},{a:.6f},{b:.6f},{c:.6f},{d:.6f}\n" for e, a, b, c, d in rows
+    )
+    write_text_atomic(paths.reports / CURVES, csv)
+    write_timings(paths, STAGE, seconds=seconds)
+    log.info("wrote %s (%s: epoch %d, val loss %.4f), %s, %s in %.1f s", ckpt, p.select,
+             metrics["selected_epoch"], metrics["val_loss"], paths.reports / METRICS,
+             paths.reports / CURVES, seconds)
 
 def cli(
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
