@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from pipeline import extraction as extract_features
+from pipeline.data import OPEN_LOG_ENV, read_open_log
 from pipeline.io import write_json_atomic
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
@@ -131,12 +132,27 @@ def _with_workers(params: Params, workers: int, decode: str | None = None) -> Pa
     return Params.model_validate(raw)
 
 
-def _end_to_end(params: Params, paths: Paths) -> tuple[float, int]:
-    """(seconds, n_tiles) of one full extract_all into an empty features folder."""
+def _end_to_end(params: Params, paths: Paths) -> tuple[float, int, dict]:
+    """(seconds, n_tiles, handle opens) of one full extract_all into an empty features folder.
+    Opens: every slide / compressed-tile reader / pixel-cache handle any process opened
+    (`pipeline.data.OPEN_LOG_ENV`): in total, and the most processes that opened one file."""
     shutil.rmtree(paths.features, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = extract_features.extract_all(params, paths, paths.models / "extractor.pt")
-    return time.perf_counter() - t0, int(summary["n_tiles"])
+    log_file = paths.root / "open_log.tsv"
+    log_file.unlink(missing_ok=True)
+    os.environ[OPEN_LOG_ENV] = str(log_file)
+    try:
+        t0 = time.perf_counter()
+        summary = extract_features.extract_all(params, paths, paths.models / "extractor.pt")
+        secs = time.perf_counter() - t0
+    finally:
+        os.environ.pop(OPEN_LOG_ENV, None)
+    opens = read_open_log(log_file)
+    pids_per_key: dict[str, set[int]] = {}
+    for pid, key in opens:
+        pids_per_key.setdefault(key, set()).add(pid)
+    return secs, int(summary["n_tiles"]), {
+        "handle_opens": len(opens), "handles": len(pids_per_key),
+        "max_processes_per_handle": max((len(p) for p in pids_per_key.values()), default=0)}
 
 
 def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
@@ -154,7 +170,7 @@ def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
                                             params.extractor.crop_px, params.extractor.workers,
                                             batch_size=extract_features.BATCH_SIZE,
                                             decode=decode)
-    for x, _ in loader:
+    for x, _, _ in loader:
         if decode == "device":
             extract_features.device_model_input(x, device, norm, decoder)
         else:
@@ -271,7 +287,7 @@ def main() -> None:
                 for w in workers_list:
                     pw = _with_workers(params, w, decode)
                     runs = [_end_to_end(pw, paths) for _ in range(args.repeats)]
-                    secs = [s for s, _ in runs]
+                    secs = [s for s, _, _ in runs]
                     rate = runs[0][1] / statistics.median(secs)
                     data_s = [_data_only(pw, paths, device) for _ in range(args.repeats)]
                     rows.append({"batch_size": bs, "reader": reader, "decode": decode,
@@ -281,11 +297,15 @@ def main() -> None:
                                  "model_only_seconds_per_batch": model_s,
                                  "fraction_of_model_only": rate / model_rate,
                                  "data_only_seconds": data_s,
-                                 "data_only_patches_per_s": n_tiles / statistics.median(data_s)})
+                                 "data_only_patches_per_s": n_tiles / statistics.median(data_s),
+                                 **runs[0][2]})
                     print(f"batch {bs}, {reader}, decode {decode}, {w} workers: model only "
                           f"{model_rate:.0f}/s, "
                           f"end to end {rate:.0f}/s, data path only "
-                          f"{rows[-1]['data_only_patches_per_s']:.0f}/s", flush=True)
+                          f"{rows[-1]['data_only_patches_per_s']:.0f}/s; "
+                          f"{rows[-1]['handle_opens']} handle opens of {rows[-1]['handles']} "
+                          f"files (at most {rows[-1]['max_processes_per_handle']} processes "
+                          "each)", flush=True)
         extract_features.BATCH_SIZE = default_batch
         if args.profile:
             _profile(_with_workers(params, max(workers_list)), paths)
