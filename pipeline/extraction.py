@@ -77,7 +77,9 @@ def feature_params_hash(params: Params, extractor_sha256: str) -> str:
     amp = int(params.extractor.amp)
     # decode: device decodes with nvJPEG on CUDA (other pixels); on CPU it is the same bits
     decode = "" if params.extractor.decode == "cpu" else f"-{params.extractor.decode}"
-    return f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}{decode}"
+    compiled = "-compile" if params.extractor.compile else ""  # fused kernels: other last bits
+    return (f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}{decode}"
+            f"{compiled}")
 
 
 def inputs_sha256(paths: Paths, slide_id: str) -> str:
@@ -231,13 +233,32 @@ def device_model_input(patches: list, device: torch.device, norm: Callable,
     return norm(x).contiguous(memory_format=fmt)
 
 
-def _padded(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """On CUDA a slide's last, partial batch is padded to the full batch size: one input shape
-    for the whole run (cuDNN picks its algorithms once; nothing is re-planned per slide)."""
-    if x.device.type != "cuda" or x.shape[0] == batch_size:
+def _padded(x: torch.Tensor, batch_size: int, always: bool = False) -> torch.Tensor:
+    """On CUDA (or, with `always`, anywhere: a compiled forward) a slide's last, partial batch
+    is padded with zeros to the full batch size: one input shape for the whole run (cuDNN picks
+    its algorithms once, torch.compile compiles once; nothing is re-planned per slide). The
+    padding rows are dropped from the results. On CPU without compiling nothing is padded:
+    the bits stay those of one DataLoader per slide."""
+    if (x.device.type != "cuda" and not always) or x.shape[0] == batch_size:
         return x
     pad = x.new_zeros((batch_size - x.shape[0], *x.shape[1:]))
     return torch.cat([x, pad]).contiguous(memory_format=memory_format(x.device))
+
+
+# torch.compile backend of `extractor.compile` (tests swap in a recording backend)
+COMPILE_BACKEND: Any = "inductor"
+
+
+def _forward(model: PatchClassifier, compiled: bool) -> Callable:
+    """(features, logits) of a batch: the model's own modules, or (`compiled`) the same two
+    calls through torch.compile with static shapes (the batches are padded to one shape).
+    torch.compile caches by code and guards, not by this wrapper: a later call (the next loader
+    group, another model of the same architecture) reuses the compiled graph."""
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = model.features(x)
+        return f, model.head(f)
+
+    return torch.compile(forward, backend=COMPILE_BACKEND, dynamic=False) if compiled else forward
 
 
 @torch.no_grad()
@@ -245,13 +266,14 @@ def infer_slides(
     model: PatchClassifier, tile_files: Sequence[Path | TileIndex], crop_px: int,
     device: torch.device,
     workers: int, amp: bool = False, pixel_cache_files: Sequence[Path | None] | None = None,
-    decode: str = "cpu",
+    decode: str = "cpu", compiled: bool = False,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) once for every
     tile_files[k], as soon as its last batch is through the model (one `slides_loader`):
     slides without tiles first, then in the order their last batches arrive, which is fixed by
     the batch plan and the number of workers (see `slides_loader`), not by timing.
-    `decode`: "cpu" (workers decode) or "device" (pipeline/jpegtiles.py)."""
+    `decode`: "cpu" (workers decode) or "device" (pipeline/jpegtiles.py). `compiled`: the
+    forward through torch.compile (`extractor.compile`), every batch padded to one shape."""
     if not tile_files:  # every slide already current: nothing to stream
         return
     model.eval()
@@ -262,14 +284,14 @@ def infer_slides(
     sizes = loader.dataset.sizes
     norm = normalize_only(model.preprocess)  # the encoder's own mean/std (and input size)
     decoder = torchvision_decoder(device) if decode == "device" else None
+    forward = _forward(model, compiled)
 
     def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
         for x, idx, k in loader:
             x = (model_input(x, device, norm) if decoder is None
                  else device_model_input(x, device, norm, decoder))
             with autocast(device, amp):
-                f = model.features(_padded(x, batch_size))
-                logits = model.head(f)
+                f, logits = forward(_padded(x, batch_size, always=compiled))
             f, p = f[:len(idx)].float(), torch.softmax(logits[:len(idx)].float(), 1)[:, 1]
             yield k, idx, *_to_host_async(f, p, device)
 
@@ -446,9 +468,10 @@ class _Extraction:
         amp = self.params.extractor.amp
         caches = [self.paths.pixel_cache_file(sid) if self.params.tile.cache_pixels else None
                   for sid in group]
-        decode = self.params.extractor.decode
+        decode, compiled = self.params.extractor.decode, self.params.extractor.compile
         for k, feats, probs in infer_slides(self.model, [index for index, _ in inputs],
-                                            crop_px, self.device, workers, amp, caches, decode):
+                                            crop_px, self.device, workers, amp, caches, decode,
+                                            compiled):
             index, labels = inputs[k]
             _write_features(self.paths.feature_file(group[k], self.variant), group[k], index,
                             labels, feats, probs, self.model, self.params, self.phash, self.sha,

@@ -13,6 +13,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +134,50 @@ def test_workers_2_writes_the_feature_files_of_workers_0_byte_for_byte(
     one = run(0)
     assert run(2) == one
     assert len(set(one.values())) == 4  # per-slide files (slide ids differ), not one copied
+
+
+def test_compiled_extraction_compiles_one_batch_shape_and_gives_the_same_features(
+    four_slides, monkeypatch
+):
+    """extractor.compile: the stage's forward goes through torch.compile, every batch padded
+    to one shape, so one graph serves all slides (their last batches are partial); the
+    features are the uncompiled ones (up to float rounding) and the files say "-compile".
+    torch.compile's tracing is real; the backend records the graphs and runs them eagerly
+    (inductor's C++ compile takes ~40 s on this CPU; its speed is for benchmarks/gpu_suite.sh)."""
+    params, paths = four_slides
+    graphs: list[list[tuple[int, ...]]] = []
+
+    def recording(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    monkeypatch.setattr(extraction, "COMPILE_BACKEND", recording)
+    monkeypatch.setattr(extraction, "BATCH_SIZE", BATCH)
+
+    def run(compiled: bool) -> dict[str, tuple]:
+        raw = params.model_dump(mode="json")
+        raw["extractor"].update(workers=0, compile=compiled)
+        for k in range(4):
+            paths.feature_file(f"s{k}").unlink(missing_ok=True)
+        extract_features.run(Params.model_validate(raw), paths)
+        out = {}
+        for k in range(4):
+            with h5py.File(paths.feature_file(f"s{k}"), "r") as f:
+                out[f"s{k}"] = (f["features"][...], f["tumor_prob"][...],
+                                str(f.attrs["params_hash"]))
+        return out
+
+    torch._dynamo.reset()
+    try:
+        plain = run(False)
+        assert not graphs
+        comp = run(True)
+    finally:
+        torch._dynamo.reset()
+    n = len(plain["s0"][0])
+    assert n % BATCH != 0  # every slide ends in a partial batch
+    assert len(graphs) == 1 and (BATCH, 3, CROP, CROP) in graphs[0], graphs
+    for sid, (feats, probs, phash) in comp.items():
+        np.testing.assert_allclose(feats, plain[sid][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(probs, plain[sid][1], rtol=1e-5, atol=1e-6)
+        assert phash == plain[sid][2] + "-compile"
