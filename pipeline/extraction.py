@@ -313,7 +313,7 @@ def infer_slides(
                 copied.synchronize()
             if k not in in_flight:
                 in_flight[k] = (np.empty((sizes[k], model.feature_dim), np.float32),
-                            np.empty(sizes[k], np.float32), [0])
+                                np.empty(sizes[k], np.float32), [0])
             feats, probs, done = in_flight[k]
             feats[idx.numpy()] = f.numpy()
             probs[idx.numpy()] = p.numpy()
