@@ -18,6 +18,11 @@ reported. "data path only" streams the same batches (`slides_loader` + normalisa
 the model: end to end can only approach model only when the data path is faster than the model
 on CPU cores the model does not use (on a GPU machine), not when both share two cores.
 
+Each end-to-end row also counts the slide handles opened (`pipeline.data.OPEN_LOG_ENV`: in
+total, and the most processes that opened one file: 1 when every slide has one worker).
+`--compiles false,true` adds rows with extractor.compile (torch.compile of the forward; the
+model-only rate is then compiled too).
+
 Prints a table and writes reports/bench/extraction.json.
 
     .venv/bin/python benchmarks/extraction.py [--repeats 3] [--workers 0,2] [--source .]
@@ -42,6 +47,7 @@ from pathlib import Path
 import torch
 
 from pipeline import extraction as extract_features
+from pipeline.data import OPEN_LOG_ENV, read_open_log
 from pipeline.io import write_json_atomic
 from pipeline.log import get_logger
 from pipeline.manifest import load_manifest
@@ -123,20 +129,38 @@ def _linked_project(source: Path, root: Path) -> tuple[Params, Paths]:
     return params, Paths(root)
 
 
-def _with_workers(params: Params, workers: int, decode: str | None = None) -> Params:
+def _with_workers(params: Params, workers: int, decode: str | None = None,
+                  compiled: bool | None = None) -> Params:
     raw = params.model_dump(mode="json")
     raw["extractor"]["workers"] = workers
     if decode is not None:
         raw["extractor"]["decode"] = decode
+    if compiled is not None:
+        raw["extractor"]["compile"] = compiled
     return Params.model_validate(raw)
 
 
-def _end_to_end(params: Params, paths: Paths) -> tuple[float, int]:
-    """(seconds, n_tiles) of one full extract_all into an empty features folder."""
+def _end_to_end(params: Params, paths: Paths) -> tuple[float, int, dict]:
+    """(seconds, n_tiles, handle opens) of one full extract_all into an empty features folder.
+    Opens: every slide / compressed-tile reader / pixel-cache handle any process opened
+    (`pipeline.data.OPEN_LOG_ENV`): in total, and the most processes that opened one file."""
     shutil.rmtree(paths.features, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = extract_features.extract_all(params, paths, paths.models / "extractor.pt")
-    return time.perf_counter() - t0, int(summary["n_tiles"])
+    log_file = paths.root / "open_log.tsv"
+    log_file.unlink(missing_ok=True)
+    os.environ[OPEN_LOG_ENV] = str(log_file)
+    try:
+        t0 = time.perf_counter()
+        summary = extract_features.extract_all(params, paths, paths.models / "extractor.pt")
+        secs = time.perf_counter() - t0
+    finally:
+        os.environ.pop(OPEN_LOG_ENV, None)
+    opens = read_open_log(log_file)
+    pids_per_key: dict[str, set[int]] = {}
+    for pid, key in opens:
+        pids_per_key.setdefault(key, set()).add(pid)
+    return secs, int(summary["n_tiles"]), {
+        "handle_opens": len(opens), "handles": len(pids_per_key),
+        "max_processes_per_handle": max((len(p) for p in pids_per_key.values()), default=0)}
 
 
 def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
@@ -154,7 +178,7 @@ def _data_only(params: Params, paths: Paths, device: torch.device) -> float:
                                             params.extractor.crop_px, params.extractor.workers,
                                             batch_size=extract_features.BATCH_SIZE,
                                             decode=decode)
-    for x, _ in loader:
+    for x, _, _ in loader:
         if decode == "device":
             extract_features.device_model_input(x, device, norm, decoder)
         else:
@@ -180,11 +204,12 @@ def _profile(params: Params, paths: Paths, top: int = 25) -> None:
 
 @torch.no_grad()
 def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device,
-                amp: bool = True) -> float:
+                amp: bool = True, compiled: bool = False) -> float:
     """Seconds per batch of BATCH_SIZE random patches through the extractor: the input already
     on the device in the stage's memory format (channels_last on CUDA) and bf16 autocast when
     extractor.amp, the same forward and outputs as infer_slides, results copied to the host
-    at the end: the model's own speed, an upper bound for end to end."""
+    at the end: the model's own speed, an upper bound for end to end. `compiled`: through the
+    stage's torch.compile forward (extractor.compile; compiled during the warm-up)."""
     from pipeline.runtime import autocast, memory_format
 
     model, _ = load_extractor(ckpt)
@@ -193,14 +218,15 @@ def _model_only(ckpt: Path, crop_px: int, n_batches: int, device: torch.device,
     side = model.preprocess.input_px or crop_px  # a fixed-size encoder's (ViT) own input
     x = torch.randn(extract_features.BATCH_SIZE, 3, side, side, device=device)
     x = x.contiguous(memory_format=fmt)
+    forward = extract_features._forward(model, compiled)
     with autocast(device, amp):
         for _ in range(3):  # warm-up: allocator, oneDNN primitive cache, cuDNN autotune
-            model.head(model.features(x)).float().cpu()
+            forward(x)[1].float().cpu()
         t0 = time.perf_counter()
         outs = []
         for _ in range(n_batches):
-            f = model.features(x)
-            outs.append((f.float(), torch.softmax(model.head(f).float(), 1)[:, 1]))
+            f, logits = forward(x)
+            outs.append((f.float(), torch.softmax(logits.float(), 1)[:, 1]))
         for f, prob in outs:
             f.cpu().numpy(), prob.cpu().numpy()
     return (time.perf_counter() - t0) / n_batches
@@ -234,6 +260,9 @@ def main() -> None:
     ap.add_argument("--decodes", default="cpu",
                     help="comma-separated extractor.decode values: cpu (workers decode) and/or "
                     "device (compressed tiles decoded on the model's device, nvJPEG on CUDA)")
+    ap.add_argument("--compiles", default="false",
+                    help="comma-separated extractor.compile values: false and/or true "
+                    "(torch.compile of the forward; compiling takes minutes on a small CPU)")
     ap.add_argument("--copies", type=int, default=1,
                     help="list each demo slide this many times (symlinks): a longer run")
     args = ap.parse_args()
@@ -253,39 +282,51 @@ def main() -> None:
         ckpt = paths.models / "extractor.pt"
         input_px = load_extractor(ckpt)[0].preprocess.input_px
         rows = []
-        model_rates: dict[int, float] = {}
+        model_rates: dict[str, float] = {}  # "<batch>" or "<batch>-compile"
+        compiles = [c.strip().lower() in ("true", "1", "yes") for c in args.compiles.split(",")]
         default_batch = extract_features.BATCH_SIZE
         batch_sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                        else [extract_features.BATCH_SIZE])
+        data_only: dict[tuple, list[float]] = {}  # the data path does not depend on compile
         for bs in batch_sizes:
             extract_features.BATCH_SIZE = bs  # the stage reads it at call time
             n_batches = max(3, min(20, n_tiles // bs))
-            model_s = [_model_only(ckpt, params.extractor.crop_px, n_batches, device,
-                                   params.extractor.amp)
-                       for _ in range(args.repeats)]
-            model_rate = model_rates[bs] = bs / statistics.median(model_s)
-            for reader, decode in [(r, d) for r in args.readers.split(",")
-                                   for d in args.decodes.split(",")]:
-                # DataLoader workers fork after this, so they read the slides the same way
-                os.environ[READER_ENV] = reader
-                for w in workers_list:
-                    pw = _with_workers(params, w, decode)
-                    runs = [_end_to_end(pw, paths) for _ in range(args.repeats)]
-                    secs = [s for s, _ in runs]
-                    rate = runs[0][1] / statistics.median(secs)
-                    data_s = [_data_only(pw, paths, device) for _ in range(args.repeats)]
-                    rows.append({"batch_size": bs, "reader": reader, "decode": decode,
-                                 "workers": w,
-                                 "seconds": secs, "patches_per_s": rate,
-                                 "model_only_patches_per_s": model_rate,
-                                 "model_only_seconds_per_batch": model_s,
-                                 "fraction_of_model_only": rate / model_rate,
-                                 "data_only_seconds": data_s,
-                                 "data_only_patches_per_s": n_tiles / statistics.median(data_s)})
-                    print(f"batch {bs}, {reader}, decode {decode}, {w} workers: model only "
-                          f"{model_rate:.0f}/s, "
-                          f"end to end {rate:.0f}/s, data path only "
-                          f"{rows[-1]['data_only_patches_per_s']:.0f}/s", flush=True)
+            for comp in compiles:
+                key = f"{bs}-compile" if comp else str(bs)
+                model_s = [_model_only(ckpt, params.extractor.crop_px, n_batches, device,
+                                       params.extractor.amp, comp)
+                           for _ in range(args.repeats)]
+                model_rate = model_rates[key] = bs / statistics.median(model_s)
+                for reader, decode in [(r, d) for r in args.readers.split(",")
+                                       for d in args.decodes.split(",")]:
+                    # DataLoader workers fork after this, so they read the slides the same way
+                    os.environ[READER_ENV] = reader
+                    for w in workers_list:
+                        pw = _with_workers(params, w, decode, comp)
+                        runs = [_end_to_end(pw, paths) for _ in range(args.repeats)]
+                        secs = [s for s, _, _ in runs]
+                        rate = runs[0][1] / statistics.median(secs)
+                        data_s = data_only.setdefault(
+                            (bs, reader, decode, w),
+                            [_data_only(pw, paths, device) for _ in range(args.repeats)])
+                        rows.append({"batch_size": bs, "compile": comp, "model_key": key,
+                                     "reader": reader, "decode": decode, "workers": w,
+                                     "seconds": secs, "patches_per_s": rate,
+                                     "model_only_patches_per_s": model_rate,
+                                     "model_only_seconds_per_batch": model_s,
+                                     "fraction_of_model_only": rate / model_rate,
+                                     "data_only_seconds": data_s,
+                                     "data_only_patches_per_s":
+                                         n_tiles / statistics.median(data_s),
+                                     **runs[0][2]})
+                        print(f"batch {bs}{', compiled' if comp else ''}, {reader}, decode "
+                              f"{decode}, {w} workers: model only {model_rate:.0f}/s, "
+                              f"end to end {rate:.0f}/s, data path only "
+                              f"{rows[-1]['data_only_patches_per_s']:.0f}/s; "
+                              f"{rows[-1]['handle_opens']} handle opens of "
+                              f"{rows[-1]['handles']} files (at most "
+                              f"{rows[-1]['max_processes_per_handle']} processes each)",
+                              flush=True)
         extract_features.BATCH_SIZE = default_batch
         if args.profile:
             _profile(_with_workers(params, max(workers_list)), paths)
@@ -303,7 +344,7 @@ def main() -> None:
         "model_input_px": input_px or params.extractor.crop_px,
         "crop_px": params.extractor.crop_px, "stage_batch_size": default_batch,
         "amp": params.extractor.amp, "repeats": args.repeats,
-        "model_only": {str(b): r for b, r in model_rates.items()},
+        "model_only": model_rates,
         "end_to_end": rows,
         "note": "median of repeats; end to end includes checkpoint load/sha256 and HDF5 writes",
     }
@@ -312,10 +353,11 @@ def main() -> None:
           f"{params.extractor.crop_px} (model input {input_px or params.extractor.crop_px} px), "
           f"device {device}, {torch.get_num_threads()} torch threads, median of {args.repeats}")
     print(f"{'path':<56}{'patches/s':>12}{'% of model':>12}")
-    for bs, model_rate in model_rates.items():
-        print(f"{f'model only, batch {bs}':<56}{model_rate:>12.0f}{100.0:>11.0f}%")
-        for r in (r for r in rows if r["batch_size"] == bs):
-            w, how = r["workers"], "" if r["reader"] == "auto" else f", {r['reader']}"
+    for key, model_rate in model_rates.items():
+        bs, comp = key.split("-")[0], ", compiled" if key.endswith("-compile") else ""
+        print(f"{f'model only, batch {bs}{comp}':<56}{model_rate:>12.0f}{100.0:>11.0f}%")
+        for r in (r for r in rows if r["model_key"] == key):
+            w, how = r["workers"], comp + ("" if r["reader"] == "auto" else f", {r['reader']}")
             how += "" if r["decode"] == "cpu" else f", {r['decode']} decode"
             print(f"{f'end to end, batch {bs}, {w} workers{how}':<56}{r['patches_per_s']:>12.0f}"
                   f"{100 * r['fraction_of_model_only']:>11.0f}%")

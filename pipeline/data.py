@@ -54,6 +54,11 @@ log = get_logger("pipeline.data")
 CACHE_COMPRESSION: tuple[str | None, int | None] = ("lzf", None)
 # Open slide / cache handles kept per process (each OpenSlide handle holds decoder state).
 MAX_OPEN_HANDLES = 8
+# Diagnostics: when set to a file, every handle a process opens (slide, pixel cache, compressed-
+# tile reader) appends "<pid>\t<key>" to it (key: [jpeg|]path|inode|mtime_ns|size), so
+# benchmarks/extraction.py and the tests count which process opened which slide how often
+# (DataLoader workers included).
+OPEN_LOG_ENV = "PIPELINE_OPEN_LOG"
 
 class DataError(PipelineError):
     """A tile index, label file or pixel cache cannot be used; one line naming file and cause."""
@@ -147,6 +152,7 @@ class _HandleCache:
             self._open.move_to_end(key)
             return h
         h = opener(key)
+        _log_open(key)
         self._open[key] = h
         while len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
@@ -157,6 +163,22 @@ class _HandleCache:
         while self._open:
             _, h = self._open.popitem()
             _close_quietly(h)
+
+
+def _log_open(key: str) -> None:
+    log_file = os.environ.get(OPEN_LOG_ENV)
+    if log_file:  # one short O_APPEND write per open: lines of concurrent processes never mix
+        with open(log_file, "a") as f:
+            f.write(f"{os.getpid()}\t{key.replace(chr(0), '|')}\n")
+
+
+def read_open_log(log_file: str | Path) -> list[tuple[int, str]]:
+    """(pid, handle key) per open recorded under OPEN_LOG_ENV, in the order written."""
+    path = Path(log_file)
+    if not path.is_file():
+        return []
+    rows = [line.split("\t", 1) for line in path.read_text().splitlines() if line]
+    return [(int(pid), key) for pid, key in rows]
 
 
 def _close_quietly(h: Any) -> None:

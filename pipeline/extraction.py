@@ -3,7 +3,8 @@
 For every tile of every manifest slide (nolabel tiles too), batch inference of the trained
 extractor in eval mode on the centre crop: `features` = f_{n-1} (the feature layer), `tumor_prob`
 = softmax of f_n. One DataLoader streams all the slides to do (`slides_loader`: workers start
-once, uint8 crops, normalised on the device; benchmarks/extraction.py measures it).
+once and each reads its own contiguous run of the slides, so each slide is opened by one
+worker; uint8 crops, normalised on the device; benchmarks/extraction.py measures it).
 Output data/features/<slide_id>.h5 per pipeline/schema.py, stamped with the checkpoint's
 sha256 and the tile params; a rerun skips slides whose file is current, so a killed run resumes.
 `extract_all` serves the extract-features stage, e2e-finetune and the frozen-feature baseline;
@@ -20,14 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from pipeline.augment import normalize_only
 from pipeline.data import SlidePatchDataset, loader_kwargs
@@ -77,7 +78,9 @@ def feature_params_hash(params: Params, extractor_sha256: str) -> str:
     amp = int(params.extractor.amp)
     # decode: device decodes with nvJPEG on CUDA (other pixels); on CPU it is the same bits
     decode = "" if params.extractor.decode == "cpu" else f"-{params.extractor.decode}"
-    return f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}{decode}"
+    compiled = "-compile" if params.extractor.compile else ""  # fused kernels: other last bits
+    return (f"{tile_label}-{params.extractor.crop_px}-{amp}-{extractor_sha256[:16]}{decode}"
+            f"{compiled}")
 
 
 def inputs_sha256(paths: Paths, slide_id: str) -> str:
@@ -89,24 +92,65 @@ def inputs_sha256(paths: Paths, slide_id: str) -> str:
     return hashlib.sha256("-".join(parts).encode()).hexdigest()
 
 
-class _BatchPlan:
-    """The batches (positions into the concatenation of the slides' tiles): slide by slide, in
-    tile order, batch_size at a time, cut at each slide's end, i.e. exactly the batches of one
-    DataLoader per slide (so the model sees the same batches and gives the same bits).
-    Generated lazily (a DataLoader batch_sampler): a big shard has millions of tiles."""
+def plan_batches(sizes: Sequence[int], batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """The batches as (slide k, first row, end row): slide by slide, in tile order, batch_size
+    at a time, cut at each slide's end, i.e. exactly the batches of one DataLoader per slide
+    (so the model sees the same batches and gives the same bits however they are streamed).
+    Generated lazily: a big group has thousands of batches."""
+    for k, n in enumerate(sizes):
+        for a in range(0, int(n), batch_size):
+            yield k, a, min(a + batch_size, int(n))
 
-    def __init__(self, sizes: Sequence[int], batch_size: int):
-        self.sizes, self.batch_size = [int(n) for n in sizes], int(batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        start = 0
-        for n in self.sizes:
-            for a in range(0, n, self.batch_size):
-                yield list(range(start + a, start + min(a + self.batch_size, n)))
-            start += n
+def n_batches(sizes: Sequence[int], batch_size: int) -> int:
+    return sum(math.ceil(int(n) / batch_size) for n in sizes)
 
-    def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in self.sizes)
+
+def worker_batches(sizes: Sequence[int], batch_size: int, worker: int,
+                   n_workers: int) -> Iterator[tuple[int, int, int]]:
+    """Worker `worker`'s share of `plan_batches`: the plan cut into n_workers contiguous runs
+    whose lengths differ by at most one batch. A worker so reads only the slides of its run,
+    each from one place onwards, and opens each once; a slide is shared by two workers only
+    where a cut falls inside it (at most n_workers - 1 slides), which keeps the workers evenly
+    loaded when slides are few or differ in size (whole slides per worker would leave workers
+    idle at the end of a run)."""
+    total = n_batches(sizes, batch_size)
+    lo, hi = total * worker // n_workers, total * (worker + 1) // n_workers
+    return itertools.islice(plan_batches(sizes, batch_size), lo, hi)
+
+
+class Batch(NamedTuple):
+    """One batch from `slides_loader`: `x` is uint8 (B, crop, crop, 3) centre crops (or, with
+    decode="device", a list of patches), `rows` their tile rows (B,), `slide` the position of
+    their slide in the loader's list."""
+
+    x: Any
+    rows: torch.Tensor
+    slide: int
+
+
+class _SlideBatches(IterableDataset):
+    """The batches of several slides, each DataLoader worker streaming its own contiguous run of
+    them (`worker_batches`) and collating its batches itself. Why not a map-style dataset with
+    a batch sampler: the DataLoader deals its batches to the workers in turn, so every worker
+    opened (and, on its first tile, verified against OpenSlide) every slide of the loader."""
+
+    def __init__(self, parts: Sequence[Dataset], batch_size: int, collate: Callable):
+        self.parts, self.batch_size, self.collate = list(parts), int(batch_size), collate
+        self.sizes = [len(d) for d in self.parts]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for k, a, b in worker_batches(self.sizes, self.batch_size, worker, n_workers):
+            part = self.parts[k]
+            x, rows = self.collate([part[j] for j in range(a, b)])
+            yield Batch(x, rows, k)
+
+
+def _as_is(batch: Batch) -> Batch:
+    """DataLoader collate_fn for batches the dataset already collated."""
+    return batch
 
 
 class _CentreCrops(SlidePatchDataset):
@@ -136,9 +180,17 @@ def slides_loader(
     pixel_cache_files: Sequence[Path | None] | None = None, batch_size: int = BATCH_SIZE,
     decode: str = "cpu",
 ) -> DataLoader:
-    """ONE DataLoader over the tiles of several slides, in order: (uint8 (B, crop, crop, 3)
-    centre crops, tile rows); a batch never spans two slides (`_BatchPlan`). `model_input`
-    turns a batch into the model's input.
+    """ONE DataLoader over the tiles of several slides: `Batch`es of uint8 (B, crop, crop, 3)
+    centre crops, their tile rows and slide; a batch never spans two slides (`plan_batches`).
+    `model_input` turns a batch into the model's input. The loader's `dataset.sizes` are the
+    slides' tile counts.
+
+    Order: with workers, each takes a contiguous run of the batches (`worker_batches`: each
+    slide is opened by one worker, two where a run boundary falls inside it) and the loader
+    yields the workers' batches in turn, so slides are in flight on every worker at once and
+    finish out of list order (the order is fixed by the plan, not by timing); without workers
+    the batches come in plan order. Every batch holds the same tiles either way, so the model
+    gives the same bits.
 
     Why one loader, not one per slide: its workers start once and keep prefetching across
     slide boundaries; a loader per slide forks its workers per slide and drains the pipeline
@@ -148,16 +200,16 @@ def slides_loader(
     from the workers.
 
     decode="device": the workers hand over compressed TIFF tiles instead (pipeline/jpegtiles.py;
-    a batch is then a list of patches, see `device_model_input`)."""
+    a batch's `x` is then a list of patches, see `device_model_input`)."""
     caches = list(pixel_cache_files) if pixel_cache_files is not None else [None] * len(tile_files)
-    parts = [_CentreCrops(tf, crop_px, c) for tf, c in zip(tile_files, caches, strict=True)]
-    kw: dict[str, Any] = {}
+    parts: list[Dataset] = [_CentreCrops(tf, crop_px, c)
+                            for tf, c in zip(tile_files, caches, strict=True)]
+    collate: Callable = default_collate
     if decode == "device":
         parts = [CompressedCentreCrops(d, crop_px) for d in parts]
-        kw["collate_fn"] = collate_patches
-    return DataLoader(ConcatDataset(parts), batch_sampler=_BatchPlan([len(d) for d in parts],
-                                                                     batch_size),
-                      **loader_kwargs(workers, prefetch_factor=4), **kw)
+        collate = collate_patches
+    return DataLoader(_SlideBatches(parts, batch_size, collate), batch_size=None,
+                      collate_fn=_as_is, **loader_kwargs(workers, prefetch_factor=4))
 
 
 def model_input(x: torch.Tensor, device: torch.device, norm: Callable) -> torch.Tensor:
@@ -182,13 +234,32 @@ def device_model_input(patches: list, device: torch.device, norm: Callable,
     return norm(x).contiguous(memory_format=fmt)
 
 
-def _padded(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """On CUDA a slide's last, partial batch is padded to the full batch size: one input shape
-    for the whole run (cuDNN picks its algorithms once; nothing is re-planned per slide)."""
-    if x.device.type != "cuda" or x.shape[0] == batch_size:
+def _padded(x: torch.Tensor, batch_size: int, always: bool = False) -> torch.Tensor:
+    """On CUDA (or, with `always`, anywhere: a compiled forward) a slide's last, partial batch
+    is padded with zeros to the full batch size: one input shape for the whole run (cuDNN picks
+    its algorithms once, torch.compile compiles once; nothing is re-planned per slide). The
+    padding rows are dropped from the results. On CPU without compiling nothing is padded:
+    the bits stay those of one DataLoader per slide."""
+    if (x.device.type != "cuda" and not always) or x.shape[0] == batch_size:
         return x
     pad = x.new_zeros((batch_size - x.shape[0], *x.shape[1:]))
     return torch.cat([x, pad]).contiguous(memory_format=memory_format(x.device))
+
+
+# torch.compile backend of `extractor.compile` (tests swap in a recording backend)
+COMPILE_BACKEND: Any = "inductor"
+
+
+def _forward(model: PatchClassifier, compiled: bool) -> Callable:
+    """(features, logits) of a batch: the model's own modules, or (`compiled`) the same two
+    calls through torch.compile with static shapes (the batches are padded to one shape).
+    torch.compile caches by code and guards, not by this wrapper: a later call (the next loader
+    group, another model of the same architecture) reuses the compiled graph."""
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = model.features(x)
+        return f, model.head(f)
+
+    return torch.compile(forward, backend=COMPILE_BACKEND, dynamic=False) if compiled else forward
 
 
 @torch.no_grad()
@@ -196,11 +267,14 @@ def infer_slides(
     model: PatchClassifier, tile_files: Sequence[Path | TileIndex], crop_px: int,
     device: torch.device,
     workers: int, amp: bool = False, pixel_cache_files: Sequence[Path | None] | None = None,
-    decode: str = "cpu",
+    decode: str = "cpu", compiled: bool = False,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) for tile_files[k], in
-    order, each as soon as its last batch is through the model (one `slides_loader`).
-    `decode`: "cpu" (workers decode) or "device" (pipeline/jpegtiles.py)."""
+    """Yield (k, features (N_k, D) float32, tumor_prob (N_k,) float32) once for every
+    tile_files[k], as soon as its last batch is through the model (one `slides_loader`):
+    slides without tiles first, then in the order their last batches arrive, which is fixed by
+    the batch plan and the number of workers (see `slides_loader`), not by timing.
+    `decode`: "cpu" (workers decode) or "device" (pipeline/jpegtiles.py). `compiled`: the
+    forward through torch.compile (`extractor.compile`), every batch padded to one shape."""
     if not tile_files:  # every slide already current: nothing to stream
         return
     model.eval()
@@ -208,50 +282,51 @@ def infer_slides(
     model.to(memory_format=fmt)
     batch_size = BATCH_SIZE
     loader = slides_loader(tile_files, crop_px, workers, pixel_cache_files, batch_size, decode)
-    sizes = [len(d) for d in loader.dataset.datasets]
+    sizes = loader.dataset.sizes
     norm = normalize_only(model.preprocess)  # the encoder's own mean/std (and input size)
     decoder = torchvision_decoder(device) if decode == "device" else None
-    batches = iter(loader)
+    forward = _forward(model, compiled)
 
     def launched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
-        for k, n in enumerate(sizes):
-            for _ in range(math.ceil(n / batch_size)):
-                x, idx = next(batches)
-                x = (model_input(x, device, norm) if decoder is None
-                     else device_model_input(x, device, norm, decoder))
-                with autocast(device, amp):
-                    f = model.features(_padded(x, batch_size))
-                    logits = model.head(f)
-                f, p = f[:len(idx)].float(), torch.softmax(logits[:len(idx)].float(), 1)[:, 1]
-                yield k, idx, *_to_host_async(f, p, device)
+        for x, idx, k in loader:
+            x = (model_input(x, device, norm) if decoder is None
+                 else device_model_input(x, device, norm, decoder))
+            with autocast(device, amp):
+                f, logits = forward(_padded(x, batch_size, always=compiled))
+            f, p = f[:len(idx)].float(), torch.softmax(logits[:len(idx)].float(), 1)[:, 1]
+            yield k, idx, *_to_host_async(f, p, device)
 
+    for k, n in enumerate(sizes):
+        if n == 0:
+            yield k, *_no_rows(model.feature_dim)
+    left = {k for k, n in enumerate(sizes) if n}
     # Read a batch's results only after the next batch is launched. On a GPU its results are
     # copied into pinned host memory right behind its kernels (an event marks the copy done),
     # so waiting for them never waits for the next batch, which keeps the device busy while
     # the host fetches and launches the one after. On CPU the order of work is unchanged.
-    feats = probs = np.empty(0)
-    k_cur, done, k_next = -1, 0, 0
+    # Slides in flight (about one per worker): k -> (features, probs, rows filled).
+    in_flight: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     pending = None
     for item in itertools.chain(launched(), [None]):
         if pending is not None:
             k, idx, f, p, copied = pending
             if copied is not None:
                 copied.synchronize()
-            if k != k_cur:
-                k_cur, done = k, 0
-                feats = np.empty((sizes[k], model.feature_dim), np.float32)
-                probs = np.empty(sizes[k], np.float32)
+            if k not in in_flight:
+                in_flight[k] = (np.empty((sizes[k], model.feature_dim), np.float32),
+                                np.empty(sizes[k], np.float32), [0])
+            feats, probs, done = in_flight[k]
             feats[idx.numpy()] = f.numpy()
             probs[idx.numpy()] = p.numpy()
-            done += len(idx)
-            if done == sizes[k]:
-                for empty in range(k_next, k):  # slides without tiles, in order
-                    yield empty, *_no_rows(model.feature_dim)
+            done[0] += len(idx)
+            if done[0] == sizes[k]:
+                del in_flight[k]
+                left.discard(k)
                 yield k, feats, probs
-                k_next = k + 1
         pending = item
-    for empty in range(k_next, len(sizes)):
-        yield empty, *_no_rows(model.feature_dim)
+    if left:  # a loader that ended early: never silently short
+        raise PipelineError(f"feature extraction: slides {sorted(left)} of {len(sizes)} did not "
+                            "get all their tiles from the loader")
 
 
 def _to_host_async(
@@ -319,20 +394,6 @@ def _write_features(
         f.attrs["tile_params_json"] = params.section_json("tile")
         f.attrs["slide_id"] = slide_id
         f.attrs["inputs_sha256"] = inputs_sha256_value
-
-
-def extract_slide(
-    model: nn.Module, slide_id: str, paths: Paths, out_file: Path, params: Params,
-    params_hash: str, extractor_sha256: str, device: torch.device,
-) -> int:
-    """Write out_file for one slide; returns the number of tiles."""
-    index, labels = _slide_inputs(paths, slide_id)
-    cache = paths.pixel_cache_file(slide_id) if params.tile.cache_pixels else None
-    feats, probs = infer_slide(model, paths.tile_file(slide_id), params.extractor.crop_px,
-                               device, params.extractor.workers, params.extractor.amp, cache)
-    _write_features(out_file, slide_id, index, labels, feats, probs, model, params, params_hash,
-                    extractor_sha256, inputs_sha256(paths, slide_id))
-    return index.n
 
 
 def extract_all(
@@ -411,9 +472,10 @@ class _Extraction:
         amp = self.params.extractor.amp
         caches = [self.paths.pixel_cache_file(sid) if self.params.tile.cache_pixels else None
                   for sid in group]
-        decode = self.params.extractor.decode
+        decode, compiled = self.params.extractor.decode, self.params.extractor.compile
         for k, feats, probs in infer_slides(self.model, [index for index, _ in inputs],
-                                            crop_px, self.device, workers, amp, caches, decode):
+                                            crop_px, self.device, workers, amp, caches, decode,
+                                            compiled):
             index, labels = inputs[k]
             _write_features(self.paths.feature_file(group[k], self.variant), group[k], index,
                             labels, feats, probs, self.model, self.params, self.phash, self.sha,

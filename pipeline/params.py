@@ -100,6 +100,7 @@ class ExtractorParams(_Section):
     amp: bool = True
     select: Select = "best_val"
     decode: Literal["cpu", "device"] = "cpu"
+    compile: bool = False
 
 
 class FeatureMapParams(_Section):

@@ -108,9 +108,9 @@ def test_loader_batches_are_the_eval_transform_bit_for_bit(
     slide = synthetic_slide_factory()
     params, paths = _project(tmp_path, write_manifest, slide.path)
     index = read_tile_index(paths.tile_file("s1"))
-    loader = extraction.slides_loader([paths.tile_file("s1")], CROP, workers=0,
-                                            batch_size=7)
-    x, rows = next(iter(loader))
+    loader = extraction.slides_loader([paths.tile_file("s1")], CROP, workers=0, batch_size=7)
+    x, rows, k = next(iter(loader))
+    assert k == 0
     assert x.dtype == torch.uint8 and tuple(x.shape) == (7, CROP, CROP, 3)
     got = extraction.model_input(x, torch.device("cpu"), normalize_only())
     assert got.is_contiguous() and tuple(got.shape) == (7, 3, CROP, CROP)
@@ -164,31 +164,40 @@ def test_slides_split_over_loaders_give_the_same_features(
         np.testing.assert_array_equal(a, b)
 
 
-def test_infer_slides_yields_every_slide_in_order_including_empty_ones(monkeypatch):
-    """The one-batch-behind result loop: slides without tiles still come out, in order, and
-    each slide's rows hold the model's output on its own batches."""
+def test_infer_slides_yields_every_slide_once_as_it_completes_including_empty_ones(
+    monkeypatch,
+):
+    """The one-batch-behind result loop over interleaved slides (two workers' runs, as
+    `slides_loader` streams them): slides without tiles come out first, the others once each
+    as their last batch arrives, and each slide's rows hold the model's output on its own
+    batches."""
     torch.manual_seed(0)
     model = build_extractor("small_cnn", 16).eval()
-    sizes, batch = [3, 0, 5, 0], 2
+    sizes, batch = [3, 0, 5, 0, 4], 2
     gen = torch.Generator().manual_seed(1)
     pixels = [torch.randint(0, 256, (n, CROP, CROP, 3), dtype=torch.uint8, generator=gen)
               for n in sizes]
+    # worker A: slide 0, then slide 2's first batch; worker B: the rest of 2, then 4; in turn
+    order = [(0, 0), (2, 2), (0, 2), (2, 4), (2, 0), (4, 0), (4, 2)]
 
     class FakeLoader:
-        class dataset:  # noqa: N801 - mimics DataLoader.dataset.datasets
-            datasets = [range(n) for n in sizes]
+        class dataset:  # noqa: N801 - mimics DataLoader.dataset.sizes
+            pass
+
+        dataset.sizes = sizes
 
         def __iter__(self):
-            for px in pixels:
-                for a in range(0, len(px), batch):
-                    yield px[a:a + batch], torch.arange(a, min(a + batch, len(px)))
+            for k, a in order:
+                end = min(a + batch, sizes[k])
+                yield extraction.Batch(pixels[k][a:end], torch.arange(a, end), k)
 
     monkeypatch.setattr(extraction, "slides_loader", lambda *a, **k: FakeLoader())
     monkeypatch.setattr(extraction, "BATCH_SIZE", batch)
-    out = list(extraction.infer_slides(model, ["a", "b", "c", "d"], CROP,
-                                             torch.device("cpu"), 0))
-    assert [k for k, _, _ in out] == [0, 1, 2, 3]
-    assert [len(f) for _, f, _ in out] == sizes
+    out = list(extraction.infer_slides(model, ["a", "b", "c", "d", "e"], CROP,
+                                       torch.device("cpu"), 0))
+    assert [k for k, _, _ in out] == [1, 3, 0, 2, 4]
+    assert [len(f) for _, f, _ in sorted(out, key=lambda r: r[0])] == sizes
+    out.sort(key=lambda r: r[0])
     with torch.no_grad():
         for (_, feats, probs), px in zip(out, pixels, strict=True):
             if len(px) == 0:

@@ -191,7 +191,7 @@ def test_extraction_with_device_decode_equals_cpu_decode_on_cpu(
     tile.run(params, paths)
     label.run(params, paths)
     tf = paths.tile_file("s1")
-    patches, _ = next(iter(slides_loader([tf], 112, 0, batch_size=8, decode="device")))
+    patches = next(iter(slides_loader([tf], 112, 0, batch_size=8, decode="device"))).x
     assert sum(isinstance(p, jt.CompressedPatch) for p in patches) == 8
     torch.manual_seed(0)
     model = build_extractor("small_cnn", 16)
