@@ -50,6 +50,7 @@ MIN_MASK_SIDE_PX = 512
 # ...and that still has at least this many mask pixels across one tile.
 MIN_MASK_PX_PER_TILE = 4
 THUMB_MAX_PX = 2048  # longest side of reports/tiles/<id>.png
+GRID_BAND_TILES = 16_384  # grid tiles scored at a time
 TISSUE_RGB = (0, 90, 255)
 TILE_RGB = (0, 170, 0)
 
@@ -62,13 +63,15 @@ class NoTissueError(PipelineError):
 
 
 def grid_positions(
-    width_px_level0: int, height_px_level0: int, pitch_px_level0: float
+    width_px_level0: int, height_px_level0: int, pitch_px_level0: float, row0: int = 0,
+    row1: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """All whole tiles of the grid in row-major order: (grid (M, 2) row/col, coords (M, 2)
-    level-0 x/y, grid_rows, grid_cols)."""
+    """All whole tiles of the grid in row-major order (of grid rows [row0, row1) when given):
+    (grid (M, 2) row/col, coords (M, 2) level-0 x/y, grid_rows, grid_cols)."""
     rows = int(math.floor(height_px_level0 / pitch_px_level0))
     cols = int(math.floor(width_px_level0 / pitch_px_level0))
-    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    rr, cc = np.meshgrid(np.arange(row0, rows if row1 is None else min(row1, rows)),
+                         np.arange(cols), indexing="ij")
     grid = np.stack([rr.ravel(), cc.ravel()], axis=1)
     # np.rint rounds half to even, like Python's round()
     coords = np.rint(grid[:, ::-1] * pitch_px_level0).astype(np.int64)
@@ -144,20 +147,29 @@ def _warn_geometry(slide_id: str, slide_path: Path, geom: TileGeometry, tp) -> N
                     "upsampled", slide_id, tp.mpp, geom.mpp)
 
 
-def _kept_tiles(slide_id: str, slide_path: Path, tm: TissueMask, grid: np.ndarray,
-                coords: np.ndarray, pitch: float, min_tissue: float):
-    """(grid, coords, tissue fraction, lump id) of the tiles with enough tissue."""
-    frac = tm.box_fractions(coords[:, 0], coords[:, 1], pitch)
-    keep = (frac >= min_tissue) & (frac > 0)
-    if not keep.any():
+def _kept_tiles(slide_id: str, slide_path: Path, tm: TissueMask, width: int, height: int,
+                pitch: float, min_tissue: float):
+    """(grid, coords, tissue fraction, lump id) of the tiles with enough tissue. The grid is
+    scored in bands of ~GRID_BAND_TILES tiles: a level-0 grid of a CAMELYON slide is ~10^5-10^6
+    tiles, whose coordinates and per-tile temporaries would grow with the slide."""
+    _, _, rows, cols = grid_positions(width, height, pitch, 0, 0)
+    band = max(1, GRID_BAND_TILES // max(cols, 1))
+    kept, best = [], 0.0
+    for r0 in range(0, rows, band):
+        grid, coords, _, _ = grid_positions(width, height, pitch, r0, r0 + band)
+        frac = tm.box_fractions(coords[:, 0], coords[:, 1], pitch)
+        keep = (frac >= min_tissue) & (frac > 0)
+        best = max(best, float(frac.max()))
+        kept.append((grid[keep], coords[keep], frac[keep]))
+    grid, coords, frac = (np.concatenate(a) for a in zip(*kept, strict=True))
+    if not len(frac):
         cause = ("no tissue found" if tm.n_components == 0
-                 else f"no tile has tissue fraction >= {min_tissue:g} (best {frac.max():.2f})")
+                 else f"no tile has tissue fraction >= {min_tissue:g} (best {best:.2f})")
         raise NoTissueError(
             f"slide {slide_id} ({slide_path}): {cause} (Otsu threshold {tm.threshold:.3f} on "
-            f"{COLOUR_SPACE}, raw {tm.otsu_threshold:.3f}; {int(keep.sum())} of {frac.size} tiles "
+            f"{COLOUR_SPACE}, raw {tm.otsu_threshold:.3f}; 0 of {rows * cols} tiles "
             f">= {min_tissue:g} tissue)"
         )
-    grid, coords, frac = grid[keep], coords[keep], frac[keep]
     component = tm.box_majority_labels(coords[:, 0], coords[:, 1], pitch)
     if (component == 0).any():  # cannot happen: frac > 0 means some mask pixel is covered
         raise RuntimeError(f"slide {slide_id}: kept tile without a tissue component")
@@ -178,12 +190,12 @@ def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Pat
         _warn_geometry(slide_id, slide_path, geom, tp)
         width, height = slide.dimensions
         pitch = geom.tile_size_px_level0
-        grid, coords, rows, cols = grid_positions(width, height, pitch)
-        if grid.shape[0] == 0:
+        _, _, rows, cols = grid_positions(width, height, pitch, 0, 0)
+        if rows * cols == 0:
             raise NoTissueError(f"slide {slide_id} ({slide_path}): {width}x{height} px is smaller "
                                 f"than one tile ({pitch:.1f} level-0 px)")
         tm, thumb, scale = _tissue_mask(slide, geom, tp, thumbnail)
-    grid, coords, frac, lump = _kept_tiles(slide_id, slide_path, tm, grid, coords, pitch,
+    grid, coords, frac, lump = _kept_tiles(slide_id, slide_path, tm, width, height, pitch,
                                            tp.min_tissue)
     n_lumps = int(lump.max())
 

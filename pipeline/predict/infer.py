@@ -31,7 +31,7 @@ def predict_tile_probs(models: PredictModels, index: TileIndex, params: Params,
     """Tumor probability of every tile of a tiled slide. The U-Net's feature map follows the
     params' featuremap settings; a slide whose tiles would fall off the centered canvas is
     predicted with mode `full` instead (the U-Net is fully convolutional), with a warning."""
-    feats, probs = infer_slide(models.extractor, index.path, params.extractor.crop_px,
+    feats, probs = infer_slide(models.extractor, index, params.extractor.crop_px,
                                models.device, workers, params.extractor.amp, None,
                                desc=index.slide_id)
     if models.unet is None:
