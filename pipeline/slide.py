@@ -7,6 +7,7 @@ mask is computed on. Errors name the file and the OpenSlide reason.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -296,7 +297,7 @@ class Slide:
         openslide = _openslide()
         if hasattr(openslide, "OpenSlideCache"):  # openslide-python >= 1.3
             self._osr.set_cache(openslide.OpenSlideCache(OVERVIEW_CACHE_BYTES))
-        return Overview(self, level, (out_h, out_w))
+        return Overview(self, level, (out_h, out_w), downsample)
 
     def read_level(self, level: int, x_level: int, y_level: int, w: int, h: int
                    ) -> np.ndarray | None:
@@ -320,7 +321,8 @@ class Overview:
     with PIL's fixed-point BOX resampling replicated per window (`_box_coeffs`) so a window
     needs only the level pixels under it. Memory is the window's, not the slide's."""
 
-    def __init__(self, slide: Slide, level: int, shape: tuple[int, int]):
+    def __init__(self, slide: Slide, level: int, shape: tuple[int, int],
+                 downsample: float | None = None):
         self.slide, self.level, self.shape = slide, level, shape
         lw, lh = slide.level_dimensions[level]
         self.level_shape = (lh, lw)
@@ -330,11 +332,16 @@ class Overview:
         self._rows = _box_coeffs(lh, shape[0]) if lh != shape[0] else None
         self._cols = _box_coeffs(lw, shape[1]) if lw != shape[1] else None
         self._whole: np.ndarray | None = None  # the level, when windows cannot be read exactly
-        # Pillow's pass order (libImaging/Resample.c, Pillow >= 10.1): vertical first when the
-        # height shrinks by more than twice as many pixels as the width; else horizontal first.
-        # Each pass rounds to uint8, so the order shows in the pixels (tests/test_overview.py).
+        # Pillow's pass order: each pass rounds to uint8, so it shows in the pixels. Recent
+        # Pillow (libImaging/Resample.c) goes vertical first when the height shrinks by more
+        # than twice as many pixels as the width, older Pillow always horizontal first.
         dh, dw = lh - shape[0], lw - shape[1]
-        self._vertical_first = self._rows is not None and dh > 0 and dh > dw * 2
+        rule = _pillow_vertical_first_rule()
+        if rule is None:  # an order not replicated here: the level and PIL's resize, one piece
+            self._rows = self._cols = None
+            self._whole, _ = slide.low_res_image(downsample or slide.dimensions[0] / shape[1])
+            self.level_shape = shape
+        self._vertical_first = bool(rule) and self._rows is not None and dh > 0 and dh > dw * 2
 
     def tile_px(self, multiple: int, target_px: int) -> int:
         """Side of the square reads: about `target_px` level pixels, a multiple of `multiple`."""
@@ -381,6 +388,23 @@ class Overview:
 OVERVIEW_CACHE_BYTES = 4 << 20  # OpenSlide tile cache of a handle that reads an overview
 # Pillow's libImaging/Resample.c for 8-bit images: coefficients in fixed point with 22 bits
 PRECISION_BITS = 32 - 8 - 2
+
+
+@functools.cache
+def _pillow_vertical_first_rule() -> bool | None:
+    """Whether this Pillow resizes vertically first when the height shrinks most (True), always
+    horizontally first (False), or neither as replicated here (None), from one small resize
+    whose two pass orders give different pixels."""
+    img = np.random.default_rng(0).integers(0, 256, (36, 21, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(img).resize((14, 6), Image.Resampling.BOX))
+    rows, cols = _box_coeffs(36, 6), _box_coeffs(21, 14)
+    if np.array_equal(ref, _box_pass(_box_pass(img, rows, 0, 6, 0, 0), cols, 0, 14, 0, 1)):
+        return True
+    if np.array_equal(ref, _box_pass(_box_pass(img, cols, 0, 14, 0, 1), rows, 0, 6, 0, 0)):
+        return False
+    log.warning("this Pillow's BOX resize differs from pipeline.slide's replica; overviews are "
+                "read in one piece")
+    return None
 
 
 def _box_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

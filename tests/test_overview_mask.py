@@ -245,3 +245,14 @@ def test_tile_stage_on_a_demo_like_slide_matches_the_one_piece_mask(
     old_tiles, old_png = _one_piece_tiles(synthetic_slide.path, params)
     _assert_tiles_equal(new_tiles, old_tiles)
     np.testing.assert_array_equal(new_png, old_png)
+
+
+def test_a_pillow_resizing_otherwise_gets_the_one_piece_overview(tmp_path, monkeypatch):
+    from pipeline import slide as slide_mod
+
+    path = _pyramid(tmp_path, 1024, 1536, n_levels=4)
+    monkeypatch.setattr(slide_mod, "_pillow_vertical_first_rule", lambda: None)
+    with Slide(path) as s:
+        ref, _ = s.low_res_image(3.3)
+        ov = s.overview(3.3)
+        np.testing.assert_array_equal(ov.read(10, 200, 30, 90), ref[10:200, 30:90])
