@@ -38,6 +38,8 @@ tiles at 1x, with 20 % slack for noise; fixed start-up costs make it sublinear).
     # on a shared machine: one process per scale, then combine (memory is per process)
     python benchmarks/camelyon_scale.py --scales 4 --out /tmp/s4.json   # likewise 1 and 2
     python benchmarks/camelyon_scale.py --merge /tmp/s1.json /tmp/s2.json /tmp/s4.json
+    # only the first stages (each needs the ones before it): e.g. the data stages
+    python benchmarks/camelyon_scale.py --scales 1,4 --stages tile,label
 
 Prints a table and writes reports/bench/camelyon_scale.json (copy results worth keeping to
 docs/bench/). Needs no network and no GPU (uses one when present).
@@ -221,10 +223,12 @@ def run_scale(scale: float, args, work: Path, weights: Path, env: dict, save) ->
     # JSON is YAML 1.2: the pipeline's ruamel loader reads it as params.yaml
     (proj / "params.yaml").write_text(json.dumps(params, indent=1) + "\n")
     tiles: dict[str, int] = {}
-    # the weights file into models/pretrained (where train-extractor reads it): a copy, unmeasured
-    subprocess.run([sys.executable, "-m", "pipeline", "fetch-weights"], cwd=proj, env=env,
-                   check=True, capture_output=True)
-    for stage in STAGES:
+    if "train-extractor" in args.stages:
+        # the weights file into models/pretrained (where train-extractor reads it): a copy,
+        # unmeasured
+        subprocess.run([sys.executable, "-m", "pipeline", "fetch-weights"], cwd=proj, env=env,
+                       check=True, capture_output=True)
+    for stage in args.stages:
         cmd = [sys.executable, "-m", "pipeline", stage]
         if stage == "predict":
             test = sorted((proj / "slides").glob("tumor_*.tif"))[1:2]  # the test slide
@@ -322,6 +326,8 @@ def main() -> None:
                     help="2: train + test, 3: + val")
     ap.add_argument("--workers", type=int, default=1, help="tile.workers / extractor.workers")
     ap.add_argument("--work", type=Path, default=None, help="keep the projects here")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="comma list: the first stages, in order (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "camelyon_scale.json")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="combine the JSONs of runs made one scale each (e.g. in parallel)")
@@ -344,6 +350,9 @@ def main() -> None:
               f"most linear in tiles: {result['all_at_most_linear']} -> {args.out}")
         return None
     scales = [float(s) for s in (args.scales or ("1,2" if args.quick else "1,2,4")).split(",")]
+    args.stages = args.stages.split(",")
+    if args.stages != list(STAGES[:len(args.stages)]):
+        raise SystemExit(f"--stages must be the first stages of {', '.join(STAGES)}")
     args.lump_mm = args.lump_mm or (0.3 if args.quick else 0.75)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
@@ -352,6 +361,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/camelyon_scale.py", *sys.argv[1:]]),
         "lump_mm_at_1x": args.lump_mm, "n_slides": args.n_slides, "workers": args.workers,
         "params": params_for("slides/manifest.csv", "<weights>", args.workers),
+        "stages": args.stages,
     }
     runs: list[dict] = []
 
@@ -363,7 +373,7 @@ def main() -> None:
         out_runs = runs + ([current] if current not in runs else [])
         out_runs = sorted(out_runs, key=lambda r: r["scale"])
         complete = len(out_runs) == len(scales) and all(
-            st in r["stages"] for r in out_runs for st in STAGES)
+            st in r["stages"] for r in out_runs for st in args.stages)
         tmp_out = args.out.with_suffix(".json.tmp")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out.write_text(json.dumps({**meta, "runs": out_runs, "complete": complete},
@@ -374,10 +384,12 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         weights = work / "googlenet_imagenet_layout.pt"
-        w = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-weights",
-                            str(weights)], capture_output=True, text=True, env=env, check=True)
-        meta["weights"] = json.loads(w.stdout.strip().splitlines()[-1])
-        print(f"weights: {meta['weights']['note']}")
+        if "train-extractor" in args.stages:
+            w = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-weights",
+                                str(weights)], capture_output=True, text=True, env=env,
+                               check=True)
+            meta["weights"] = json.loads(w.stdout.strip().splitlines()[-1])
+            print(f"weights: {meta['weights']['note']}")
         for scale in scales:
             runs.append(run_scale(scale, args, work, weights, env, save))
     save(runs[-1])

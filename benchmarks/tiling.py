@@ -286,20 +286,19 @@ def _install_probes(records: Path) -> None:
     from pipeline.tissue import TissueMask
 
     overview: dict = {}
-    low_res = Slide.low_res_image
+    make_overview = Slide.overview
 
-    def low_res_probe(self, downsample):
-        t0 = time.perf_counter()
-        level = self.best_level(downsample)
-        rgb, ds = low_res(self, downsample)
-        _add("overview read", time.perf_counter() - t0)
-        overview.update(level=level, level_wh=list(self.level_dimensions[level]),
-                        level0_wh=list(self.dimensions), image_wh=[rgb.shape[1], rgb.shape[0]],
+    def overview_probe(self, downsample):
+        ov = make_overview(self, downsample)
+        overview.update(level=ov.level, level_wh=list(self.level_dimensions[ov.level]),
+                        level0_wh=list(self.dimensions), image_wh=[ov.shape[1], ov.shape[0]],
                         downsample_requested=round(float(downsample), 3))
-        return rgb, ds
+        return ov
 
-    Slide.low_res_image = low_res_probe
-    tile_mod.compute_tissue_mask = _timed("tissue mask", tile_mod.compute_tissue_mask)
+    Slide.overview = overview_probe
+    # the overview is read window by window while the mask is computed: one part, timed as
+    # "tissue mask" ("overview read" stays 0)
+    tile_mod.tissue_mask_from_overview = _timed("tissue mask", tile_mod.tissue_mask_from_overview)
     TissueMask.box_fractions = _timed("tile fractions", TissueMask.box_fractions)
     TissueMask.box_majority_labels = _timed("tile lumps", TissueMask.box_majority_labels)
     tile_mod.atomic_h5 = _timed_cm("HDF5 write", tile_mod.atomic_h5)

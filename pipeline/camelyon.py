@@ -93,11 +93,16 @@ def slide_class_from_mask(pred_tumor_grid: Any, pitch_um: float) -> tuple[str, f
     if n == 0:
         return SLIDE_NEGATIVE, 0.0
     diameter_um = float(_component_diameters_tiles(lab, n).max() * pitch_um)
+    return slide_class_of_diameter(diameter_um), diameter_um
+
+
+def slide_class_of_diameter(diameter_um: float) -> str:
+    """CAMELYON17 class of a slide with tumor whose largest lesion measures `diameter_um`."""
     if diameter_um > MACRO_MIN_UM:
-        return SLIDE_MACRO, diameter_um
+        return SLIDE_MACRO
     if diameter_um > MICRO_MIN_UM:
-        return SLIDE_MICRO, diameter_um
-    return SLIDE_ITC, diameter_um
+        return SLIDE_MICRO
+    return SLIDE_ITC
 
 
 def _slide_class(c: str, where: str) -> str:

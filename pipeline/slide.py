@@ -7,6 +7,7 @@ mask is computed on. Errors name the file and the OpenSlide reason.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -276,6 +277,173 @@ class Slide:
         if (out_w, out_h) != (lw, lh):
             arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BOX))
         return arr, self.dimensions[0] / out_w
+
+    def overview(self, downsample: float) -> Overview:
+        """The image `low_res_image(downsample)` returns, read window by window with bounded
+        memory (`Overview.read`): the same pixels, never the whole level in one piece unless
+        the level's downsample puts window origins at fractional level-0 positions."""
+        level = self.best_level(downsample)
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > 40_000 * 40_000:
+            raise SlideError(
+                f"{self.path}: no pyramid level coarse enough for a {downsample:.1f}x overview "
+                f"(coarsest is {self.level_dimensions[-1]}); convert it to a pyramidal format"
+            )
+        out_w = max(1, int(round(self.dimensions[0] / downsample)))
+        out_h = max(1, int(round(self.dimensions[1] / downsample)))
+        # The overview reads each level tile about twice, neighbours first: a small OpenSlide
+        # tile cache serves that. Its default (32 MiB) fills with a large slide's level tiles
+        # and not with a small one's: +24 MiB from 1x to 4x in benchmarks/camelyon_scale.py.
+        openslide = _openslide()
+        if hasattr(openslide, "OpenSlideCache"):  # openslide-python >= 1.3
+            self._osr.set_cache(openslide.OpenSlideCache(OVERVIEW_CACHE_BYTES))
+        return Overview(self, level, (out_h, out_w), downsample)
+
+    def read_level(self, level: int, x_level: int, y_level: int, w: int, h: int
+                   ) -> np.ndarray | None:
+        """(h, w, 3) uint8 of `level` at level pixel (x, y), exactly as the same window of a
+        whole-level `read_region`, or None when the window's level-0 origin is fractional
+        (OpenSlide resamples those, so the pixels would differ)."""
+        ds = self.level_downsamples[level]
+        x0, y0 = round(x_level * ds), round(y_level * ds)
+        if x0 / ds != x_level or y0 / ds != y_level:
+            return None
+        try:
+            rgba = self._osr.read_region((x0, y0), level, (w, h))
+        except Exception as exc:
+            raise SlideError(f"{self.path}: reading level {level} failed: {exc}") from None
+        return _rgba_to_rgb(np.asarray(rgba))
+
+
+class Overview:
+    """A slide's low-resolution image, computed window by window: pixel for pixel what
+    `Slide.low_res_image` gives (the pyramid level, then PIL's BOX resize to the exact size),
+    with PIL's fixed-point BOX resampling replicated per window (`_box_coeffs`) so a window
+    needs only the level pixels under it. Memory is the window's, not the slide's."""
+
+    def __init__(self, slide: Slide, level: int, shape: tuple[int, int],
+                 downsample: float | None = None):
+        self.slide, self.level, self.shape = slide, level, shape
+        lw, lh = slide.level_dimensions[level]
+        self.level_shape = (lh, lw)
+        self.downsample_x = slide.dimensions[0] / shape[1]
+        self.downsample_y = slide.dimensions[1] / shape[0]
+        # per axis: None (no resize on that axis, as PIL skips the pass) or (first, taps, k)
+        self._rows = _box_coeffs(lh, shape[0]) if lh != shape[0] else None
+        self._cols = _box_coeffs(lw, shape[1]) if lw != shape[1] else None
+        self._whole: np.ndarray | None = None  # the level, when windows cannot be read exactly
+        # Pillow's pass order: each pass rounds to uint8, so it shows in the pixels. Recent
+        # Pillow (libImaging/Resample.c) goes vertical first when the height shrinks by more
+        # than twice as many pixels as the width, older Pillow always horizontal first.
+        dh, dw = lh - shape[0], lw - shape[1]
+        rule = _pillow_vertical_first_rule()
+        if rule is None:  # an order not replicated here: the level and PIL's resize, one piece
+            self._rows = self._cols = None
+            self._whole, _ = slide.low_res_image(downsample or slide.dimensions[0] / shape[1])
+            self.level_shape = shape
+        self._vertical_first = bool(rule) and self._rows is not None and dh > 0 and dh > dw * 2
+
+    def tile_px(self, multiple: int, target_px: int) -> int:
+        """Side of the square reads: about `target_px` level pixels, a multiple of `multiple`."""
+        ratio = max(self.level_shape[0] / self.shape[0], self.level_shape[1] / self.shape[1], 1)
+        return max(multiple, int(target_px / ratio) // multiple * multiple)
+
+    def source_span(self, axis: int, a: int, b: int) -> tuple[int, int]:
+        """Level pixels [lo, hi) that output pixels [a, b) along axis 0 (rows) / 1 (cols) use."""
+        c = self._rows if axis == 0 else self._cols
+        if c is None:
+            return a, b
+        first, taps, _ = c
+        return int(first[a:b].min()), int((first[a:b] + taps[a:b]).max())
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Overview pixels [r0, r1) x [c0, c1) as (r1 - r0, c1 - c0, 3) uint8."""
+        y0, y1 = self.source_span(0, r0, r1)
+        x0, x1 = self.source_span(1, c0, c1)
+        src = self._level_window(x0, y0, x1 - x0, y1 - y0)
+        if self._vertical_first:
+            src = _box_pass(src, self._rows, r0, r1, y0, axis=0)
+        elif self._rows is not None and self._cols is not None:
+            src = _box_pass(src, self._cols, c0, c1, x0, axis=1)
+            src = _box_pass(src, self._rows, r0, r1, y0, axis=0)
+            return src
+        elif self._rows is not None:
+            return _box_pass(src, self._rows, r0, r1, y0, axis=0)
+        if self._cols is not None:
+            src = _box_pass(src, self._cols, c0, c1, x0, axis=1)
+        return src
+
+    def _level_window(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._whole is None:
+            arr = self.slide.read_level(self.level, x, y, w, h)
+            if arr is not None:
+                return arr
+            log.debug("%s: level %d has a fractional downsample; overview read in one piece",
+                      self.slide.path, self.level)
+            lh, lw = self.level_shape
+            self._whole = self.slide.read_level(self.level, 0, 0, lw, lh)
+        return self._whole[y:y + h, x:x + w]
+
+
+OVERVIEW_CACHE_BYTES = 4 << 20  # OpenSlide tile cache of a handle that reads an overview
+# Pillow's libImaging/Resample.c for 8-bit images: coefficients in fixed point with 22 bits
+PRECISION_BITS = 32 - 8 - 2
+
+
+@functools.cache
+def _pillow_vertical_first_rule() -> bool | None:
+    """Whether this Pillow resizes vertically first when the height shrinks most (True), always
+    horizontally first (False), or neither as replicated here (None), from one small resize
+    whose two pass orders give different pixels."""
+    img = np.random.default_rng(0).integers(0, 256, (36, 21, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(img).resize((14, 6), Image.Resampling.BOX))
+    rows, cols = _box_coeffs(36, 6), _box_coeffs(21, 14)
+    if np.array_equal(ref, _box_pass(_box_pass(img, rows, 0, 6, 0, 0), cols, 0, 14, 0, 1)):
+        return True
+    if np.array_equal(ref, _box_pass(_box_pass(img, cols, 0, 14, 0, 1), rows, 0, 6, 0, 0)):
+        return False
+    log.warning("this Pillow's BOX resize differs from pipeline.slide's replica; overviews are "
+                "read in one piece")
+    return None
+
+
+def _box_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for the BOX filter over the whole axis
+    (box [0, in_size)): per output pixel its first input pixel, its number of taps and the
+    (out_size, ksize) int64 fixed-point weights. Same double arithmetic, in the same order."""
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = 0.0 + (np.arange(out_size) + 0.5) * scale
+    ss = 1.0 / filterscale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    x = np.arange(ksize)
+    arg = ((x[None, :] + xmin[:, None]) - center[:, None] + 0.5) * ss
+    w = np.where((arg > -0.5) & (arg <= 0.5) & (x[None, :] < xmax[:, None]), 1.0, 0.0)
+    ww = w.sum(axis=1, keepdims=True)  # sums of 1.0: exact in any order
+    k = np.divide(w, ww, out=w.copy(), where=ww != 0)
+    kk = np.trunc(0.5 + k * (1 << PRECISION_BITS)).astype(np.int64)
+    return xmin, xmax, kk
+
+
+def _box_pass(src: np.ndarray, coeffs, a: int, b: int, src0: int, axis: int) -> np.ndarray:
+    """Output pixels [a, b) along `axis` of one resampling pass of `src` (uint8, whose index 0
+    along `axis` is input pixel `src0`), summed in int32 from 2^21, shifted and clipped to
+    uint8 as Pillow does (its sums fit an int: 255 x 2^22 plus rounding)."""
+    first, _, kk = coeffs
+    first, kk = first[a:b] - src0, kk[a:b].astype(np.int32)
+    shape = list(src.shape)
+    shape[axis] = b - a
+    acc = np.full(shape, 1 << (PRECISION_BITS - 1), np.int32)
+    wshape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    for t in range(kk.shape[1]):
+        if not kk[:, t].any():
+            continue
+        idx = np.minimum(first + t, src.shape[axis] - 1)  # weight 0 past the taps
+        acc += np.take(src, idx, axis=axis).astype(np.int32) * kk[:, t].reshape(wshape)
+    return np.minimum(acc >> PRECISION_BITS, 255).astype(np.uint8)
 
 
 def tile_geometry_for(slide: Slide, tp: TileParams) -> TileGeometry:

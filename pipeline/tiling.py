@@ -4,7 +4,8 @@ Per slide (see pipeline/schema.py for the file format):
 - tile geometry from `Slide.tile_geometry` (pyramid level, read size, grid pitch in level-0 px);
   a slide without mpp metadata falls back to `tile.fallback_mpp` / `tile.fallback_level` with a
   warning naming it;
-- Otsu tissue mask on an overview at `tile.mask_mpp` (pipeline/tissue.py);
+- Otsu tissue mask on an overview at `tile.mask_mpp` (pipeline/tissue.py), read window by
+  window so that memory does not grow with the slide's area;
 - grid: origin level-0 (0, 0), pitch p = tile_size_px_level0, tile (row, col) at level-0
   (round(col * p), round(row * p)), only whole tiles (floor(W / p) x floor(H / p)); a tile is
   kept when its tissue area fraction is >= `tile.min_tissue` (and > 0);
@@ -40,7 +41,7 @@ from pipeline.schema import (
 )
 from pipeline.slide import Slide, TileGeometry, slide_fingerprint, tile_geometry_for
 from pipeline.tileindex import read_tile_index
-from pipeline.tissue import COLOUR_SPACE, TissueMask, compute_tissue_mask
+from pipeline.tissue import COLOUR_SPACE, TissueMask, tissue_mask_from_overview
 
 log = get_logger("pipeline.tile")
 
@@ -49,6 +50,7 @@ MIN_MASK_SIDE_PX = 512
 # ...and that still has at least this many mask pixels across one tile.
 MIN_MASK_PX_PER_TILE = 4
 THUMB_MAX_PX = 2048  # longest side of reports/tiles/<id>.png
+GRID_BAND_TILES = 16_384  # grid tiles scored at a time
 TISSUE_RGB = (0, 90, 255)
 TILE_RGB = (0, 170, 0)
 
@@ -61,13 +63,15 @@ class NoTissueError(PipelineError):
 
 
 def grid_positions(
-    width_px_level0: int, height_px_level0: int, pitch_px_level0: float
+    width_px_level0: int, height_px_level0: int, pitch_px_level0: float, row0: int = 0,
+    row1: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """All whole tiles of the grid in row-major order: (grid (M, 2) row/col, coords (M, 2)
-    level-0 x/y, grid_rows, grid_cols)."""
+    """All whole tiles of the grid in row-major order (of grid rows [row0, row1) when given):
+    (grid (M, 2) row/col, coords (M, 2) level-0 x/y, grid_rows, grid_cols)."""
     rows = int(math.floor(height_px_level0 / pitch_px_level0))
     cols = int(math.floor(width_px_level0 / pitch_px_level0))
-    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    rr, cc = np.meshgrid(np.arange(row0, rows if row1 is None else min(row1, rows)),
+                         np.arange(cols), indexing="ij")
     grid = np.stack([rr.ravel(), cc.ravel()], axis=1)
     # np.rint rounds half to even, like Python's round()
     coords = np.rint(grid[:, ::-1] * pitch_px_level0).astype(np.int64)
@@ -87,14 +91,37 @@ def _mask_downsample(slide: Slide, geom: TileGeometry, tp) -> tuple[float, float
     return ds, tp.mpp / geom.level_downsample
 
 
-def _thumbnail(rgb: np.ndarray, tm: TissueMask, coords: np.ndarray, pitch: float) -> np.ndarray:
-    """Overview with the tissue outline and the kept tiles' outlines drawn."""
+def _tissue_mask(slide: Slide, geom: TileGeometry, tp, thumbnail: bool
+                 ) -> tuple[TissueMask, np.ndarray | None, int]:
+    """(tissue mask, overview shrunk by `scale` for the thumbnail or None, scale). The overview is
+    read window by window (pipeline/tissue.py): memory does not grow with the slide."""
+    ds_req, mpp_for_areas = _mask_downsample(slide, geom, tp)
+    ov = slide.overview(ds_req)
+    scale = max(1, math.ceil(max(ov.shape) / THUMB_MAX_PX))
+    thumb = (np.empty((-(-ov.shape[0] // scale), -(-ov.shape[1] // scale), 3), np.uint8)
+             if thumbnail else None)
+
+    def shrink(r0: int, c0: int, rgb: np.ndarray) -> None:
+        # reads start at multiples of scale, so reducing each is reducing the whole overview
+        small = np.asarray(Image.fromarray(rgb).reduce(scale)) if scale > 1 else rgb
+        thumb[r0 // scale:r0 // scale + small.shape[0],
+              c0 // scale:c0 // scale + small.shape[1]] = small
+
+    tm = tissue_mask_from_overview(ov, ov.downsample_x * mpp_for_areas, tp.min_object_um2,
+                                   tp.max_hole_um2, shrink if thumbnail else None, scale)
+    return tm, thumb, scale
+
+
+def _thumbnail(img: np.ndarray, scale: int, tm: TissueMask, coords: np.ndarray,
+               pitch: float) -> np.ndarray:
+    """The overview shrunk by `scale` with the tissue outline and the kept tiles' outlines."""
     from skimage.segmentation import find_boundaries
 
-    scale = max(1, math.ceil(max(rgb.shape[:2]) / THUMB_MAX_PX))
-    img = np.array(Image.fromarray(rgb).reduce(scale)) if scale > 1 else rgb.copy()
-    edge = find_boundaries(tm.mask, mode="inner")[::scale, ::scale][: img.shape[0], : img.shape[1]]
-    img[edge] = TISSUE_RGB
+    for w in tm.windows:  # a window's border is glass: its outline is the whole mask's there
+        r, c = -w.y0 % scale, -w.x0 % scale
+        edge = find_boundaries(w.mask, mode="inner")[r::scale, c::scale]
+        ty, tx = (w.y0 + r) // scale, (w.x0 + c) // scale
+        img[ty:ty + edge.shape[0], tx:tx + edge.shape[1]][edge] = TISSUE_RGB
     sx, sy = tm.downsample_x * scale, tm.downsample_y * scale
     # PIL draws the outlines in C (skimage's rectangle_perimeter per tile took 0.2 ms each: 2.3 s
     # for a level-0 CAMELYON grid); the same pixels: the ring just outside each tile's box.
@@ -107,51 +134,69 @@ def _thumbnail(rgb: np.ndarray, tm: TissueMask, coords: np.ndarray, pitch: float
     return np.asarray(pil)
 
 
-def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Paths) -> dict:
-    """Tile one slide and write its tile index and thumbnail; returns its reports/tiles.csv row.
-    Raises NoTissueError / SlideError naming the slide when it yields no tile."""
+def _warn_geometry(slide_id: str, slide_path: Path, geom: TileGeometry, tp) -> None:
+    if geom.mpp_source == "fallback_mpp":
+        log.warning("slide %s (%s): no usable mpp in metadata; assuming tile.fallback_mpp = "
+                    "%g um/px", slide_id, slide_path, geom.mpp)
+    elif geom.mpp_source == "unknown":
+        log.warning("slide %s (%s): no mpp in metadata and tile.fallback_mpp unset; tiling "
+                    "pyramid level %d (tile.fallback_level) with tile mpp unknown",
+                    slide_id, slide_path, geom.level)
+    elif geom.read_size_px < geom.tile_size_px:
+        log.warning("slide %s: tile.mpp %g is finer than the slide's %g um/px; tiles are "
+                    "upsampled", slide_id, tp.mpp, geom.mpp)
+
+
+def _kept_tiles(slide_id: str, slide_path: Path, tm: TissueMask, width: int, height: int,
+                pitch: float, min_tissue: float):
+    """(grid, coords, tissue fraction, lump id) of the tiles with enough tissue. The grid is
+    scored in bands of ~GRID_BAND_TILES tiles: a level-0 grid of a CAMELYON slide is ~10^5-10^6
+    tiles, whose coordinates and per-tile temporaries would grow with the slide."""
+    _, _, rows, cols = grid_positions(width, height, pitch, 0, 0)
+    band = max(1, GRID_BAND_TILES // max(cols, 1))
+    kept, best = [], 0.0
+    for r0 in range(0, rows, band):
+        grid, coords, _, _ = grid_positions(width, height, pitch, r0, r0 + band)
+        frac = tm.box_fractions(coords[:, 0], coords[:, 1], pitch)
+        keep = (frac >= min_tissue) & (frac > 0)
+        best = max(best, float(frac.max()))
+        kept.append((grid[keep], coords[keep], frac[keep]))
+    grid, coords, frac = (np.concatenate(a) for a in zip(*kept, strict=True))
+    if not len(frac):
+        cause = ("no tissue found" if tm.n_components == 0
+                 else f"no tile has tissue fraction >= {min_tissue:g} (best {best:.2f})")
+        raise NoTissueError(
+            f"slide {slide_id} ({slide_path}): {cause} (Otsu threshold {tm.threshold:.3f} on "
+            f"{COLOUR_SPACE}, raw {tm.otsu_threshold:.3f}; 0 of {rows * cols} tiles "
+            f">= {min_tissue:g} tissue)"
+        )
+    component = tm.box_majority_labels(coords[:, 0], coords[:, 1], pitch)
+    if (component == 0).any():  # cannot happen: frac > 0 means some mask pixel is covered
+        raise RuntimeError(f"slide {slide_id}: kept tile without a tissue component")
+    _, lump = np.unique(component, return_inverse=True)
+    return grid, coords, frac, lump.reshape(-1) + 1
+
+
+def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Paths,
+               thumbnail: bool = True) -> dict:
+    """Tile one slide and write its tile index and (unless `thumbnail` is False) thumbnail;
+    returns its reports/tiles.csv row. Raises NoTissueError / SlideError naming the slide when
+    it yields no tile."""
     t0 = time.perf_counter()
     tp = params.tile
     slide_path = Path(slide_path).resolve()
     with Slide(slide_path) as slide:
         geom = tile_geometry_for(slide, tp)  # raises on implausible mpp
-        if geom.mpp_source == "fallback_mpp":
-            log.warning("slide %s (%s): no usable mpp in metadata; assuming tile.fallback_mpp = "
-                        "%g um/px", slide_id, slide_path, geom.mpp)
-        elif geom.mpp_source == "unknown":
-            log.warning("slide %s (%s): no mpp in metadata and tile.fallback_mpp unset; tiling "
-                        "pyramid level %d (tile.fallback_level) with tile mpp unknown",
-                        slide_id, slide_path, geom.level)
-        elif geom.read_size_px < geom.tile_size_px:
-            log.warning("slide %s: tile.mpp %g is finer than the slide's %g um/px; tiles are "
-                        "upsampled", slide_id, tp.mpp, geom.mpp)
+        _warn_geometry(slide_id, slide_path, geom, tp)
         width, height = slide.dimensions
         pitch = geom.tile_size_px_level0
-        grid, coords, rows, cols = grid_positions(width, height, pitch)
-        if grid.shape[0] == 0:
+        _, _, rows, cols = grid_positions(width, height, pitch, 0, 0)
+        if rows * cols == 0:
             raise NoTissueError(f"slide {slide_id} ({slide_path}): {width}x{height} px is smaller "
                                 f"than one tile ({pitch:.1f} level-0 px)")
-        ds_req, mpp_for_areas = _mask_downsample(slide, geom, tp)
-        rgb, ds_x = slide.low_res_image(ds_req)
-    ds_y = height / rgb.shape[0]
-    tm = compute_tissue_mask(rgb, ds_x, ds_y, ds_x * mpp_for_areas, tp.min_object_um2,
-                             tp.max_hole_um2)
-    frac = tm.box_fractions(coords[:, 0], coords[:, 1], pitch)
-    keep = (frac >= tp.min_tissue) & (frac > 0)
-    if not keep.any():
-        cause = ("no tissue found" if tm.n_components == 0
-                 else f"no tile has tissue fraction >= {tp.min_tissue:g} (best {frac.max():.2f})")
-        raise NoTissueError(
-            f"slide {slide_id} ({slide_path}): {cause} (Otsu threshold {tm.threshold:.3f} on "
-            f"{COLOUR_SPACE}, raw {tm.otsu_threshold:.3f}; {int(keep.sum())} of {frac.size} tiles "
-            f">= {tp.min_tissue:g} tissue)"
-        )
-    grid, coords, frac = grid[keep], coords[keep], frac[keep]
-    component = tm.box_majority_labels(coords[:, 0], coords[:, 1], pitch)
-    if (component == 0).any():  # cannot happen: frac > 0 means some mask pixel is covered
-        raise RuntimeError(f"slide {slide_id}: kept tile without a tissue component")
-    _, lump = np.unique(component, return_inverse=True)
-    lump = lump.reshape(-1) + 1
+        tm, thumb, scale = _tissue_mask(slide, geom, tp, thumbnail)
+    grid, coords, frac, lump = _kept_tiles(slide_id, slide_path, tm, width, height, pitch,
+                                           tp.min_tissue)
     n_lumps = int(lump.max())
 
     attrs = {
@@ -183,9 +228,9 @@ def tile_slide(slide_id: str, slide_path: str | Path, params: Params, paths: Pat
             f.create_dataset(name, data=np.asarray(arrays[name], dtype=dtype))
         for k in TILE_ATTRS:
             f.attrs[k] = attrs[k]
-    png = thumb_file(paths, slide_id)
-    with atomic_path(png) as tmp:
-        Image.fromarray(_thumbnail(rgb, tm, coords, pitch)).save(tmp, format="PNG")
+    if thumb is not None:
+        with atomic_path(thumb_file(paths, slide_id)) as tmp:
+            Image.fromarray(_thumbnail(thumb, scale, tm, coords, pitch)).save(tmp, format="PNG")
     if tp.cache_pixels:
         write_cache(out, paths.pixel_cache_file(slide_id))
     seconds = time.perf_counter() - t0

@@ -538,3 +538,19 @@ def test_extractor_and_unet_trained_at_different_scales_are_refused(tmp_path, sl
                        r"2.0, .*extractor.pt on 1.0"):
         predict.run(_params(), Paths(root=tmp_path), [slides["a"]], tmp_path / "o",
                     models_dir=d, method="separate")
+
+
+def test_one_diameter_measurement_gives_both_units_and_the_class():
+    # predict measures the largest lesion once, at pitch 1, and scales it to um and level-0 px:
+    # the same floats and class as slide_class_from_mask at each pitch
+    from pipeline.camelyon import slide_class_from_mask, slide_class_of_diameter
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        grid = rng.random((12, 15)) < rng.uniform(0.0, 0.3)
+        pitch_um, pitch_px = rng.uniform(10, 300), rng.uniform(40, 1200)
+        tiles = slide_class_from_mask(grid, 1.0)[1]
+        cls, um = slide_class_from_mask(grid, pitch_um)
+        assert float(tiles * pitch_um) == um
+        assert float(tiles * pitch_px) == slide_class_from_mask(grid, pitch_px)[1]
+        assert cls == (slide_class_of_diameter(um) if grid.any() else "negative")

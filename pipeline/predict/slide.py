@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.camelyon import slide_class_from_mask
+from pipeline.camelyon import SLIDE_NEGATIVE, slide_class_from_mask, slide_class_of_diameter
 from pipeline.io import remove_stale_temps, write_json_atomic
 from pipeline.log import get_logger
 from pipeline.params import Params
@@ -84,7 +84,7 @@ def _tile_and_infer(slide_path: Path, out: SlideOutputs, models: PredictModels, 
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{out.stem}-",
                                      dir=out.folder.parent) as work:
         paths = Paths(root=Path(work))
-        tile_slide(out.stem, slide_path, tparams, paths)
+        tile_slide(out.stem, slide_path, tparams, paths, thumbnail=False)  # the overlay is ours
         index = read_tile_index(paths.tile_file(out.stem))
         n_workers = params.extractor.workers if workers is None else workers
         return index, predict_tile_probs(models, index, params, n_workers)
@@ -133,13 +133,17 @@ def _predict_slide(slide_path: Path, out: SlideOutputs, models: PredictModels, p
     lesions, shapes = write_regions(out.geojson, out.asap_xml, tumor, heat, pitch_px, pitch_um,
                                     origin)
     n_tumor = int(tumor.sum())
+    # the largest lesion's diameter in grid pitches, measured once (at pitch 1 the diameter is
+    # the tile count: the products below are the ones slide_class_from_mask would make)
+    largest_tiles = slide_class_from_mask(tumor, 1.0)[1]
     if math.isfinite(pitch_um):
-        slide_class, largest_um = slide_class_from_mask(tumor, pitch_um)
+        largest_um = float(largest_tiles * pitch_um)
+        slide_class = slide_class_of_diameter(largest_um) if n_tumor else SLIDE_NEGATIVE
         area_mm2: float | None = n_tumor * pitch_um**2 / 1e6
     else:
         slide_class, largest_um, area_mm2 = None, None, None
         warnings.append("mpp unknown: no tumor area, lesion diameter or CAMELYON17 class")
-    largest_px = slide_class_from_mask(tumor, pitch_px)[1] if n_tumor else 0.0
+    largest_px = float(largest_tiles * pitch_px) if n_tumor else 0.0
     write_heatmap(out.heatmap_h5, heat, index, probs.prob, {
         "slide_id": out.stem, "slide_path": str(slide_path), "method": models.method,
         "extractor_sha256": models.sha256["extractor"],
