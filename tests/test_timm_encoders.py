@@ -58,6 +58,29 @@ def test_vit_weights_from_a_local_file_load_exactly(tmp_path, suffix):
                                                  m2.backbone.state_dict().values(), strict=True))
 
 
+
+def test_a_224_px_checkpoint_loads_into_a_smaller_input_size(tmp_path):
+    """The README's CPU run: a published 224-px ViT file (14 x 14 position embeddings) under
+    timm_kwargs img_size=32 (2 x 2) loads through timm's checkpoint filter, which resamples
+    the grid embeddings; the class token's embedding and every block are the file's."""
+    from timm.layers import resample_abs_pos_embed
+
+    ref = _reference()  # the file as published: img_size 224, 1000-class head
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(ref.state_dict(), path)
+    m = build_extractor(VIT, 16, str(path), timm_kwargs=KW).eval()
+    pos = m.backbone.pos_embed
+    assert tuple(pos.shape) == (1, 1 + 2 * 2, 192) and tuple(ref.pos_embed.shape) == (1, 197, 192)
+    assert torch.equal(pos[:, :1], ref.pos_embed[:, :1])
+    want = resample_abs_pos_embed(ref.pos_embed, new_size=(2, 2), num_prefix_tokens=1,
+                                  interpolation="bicubic", antialias=True)
+    torch.testing.assert_close(pos, want)
+    assert torch.equal(m.backbone.blocks[5].attn.qkv.weight, ref.blocks[5].attn.qkv.weight)
+    assert torch.equal(m.backbone.patch_embed.proj.weight, ref.patch_embed.proj.weight)
+    assert m.preprocess.input_px == 32
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
 def test_convnext_safetensors_and_preprocessing_from_timm_config(tmp_path):
     ref = _reference("convnext_atto")
     path = tmp_path / "model.safetensors"
