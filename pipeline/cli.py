@@ -12,6 +12,7 @@ import sys
 import typer
 
 from pipeline.errors import PipelineError
+from pipeline.heap import fix_mmap_threshold
 
 HELP = (
     "multistage-wsi: whole-slide tumor segmentation (Takahama et al., ICCV 2019). "
@@ -82,6 +83,7 @@ def _one_line(exc: BaseException) -> str:
 def main() -> None:
     argv = sys.argv[1:]
     names = [argv[0]] if argv and argv[0] in STAGES else None
+    fix_mmap_threshold()  # freed activations go back to the system: memory flat in slide size
     try:
         build_app(names)()
     except PipelineError as exc:

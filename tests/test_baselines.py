@@ -326,6 +326,9 @@ def test_frozen_extractor_follows_the_params_and_the_fetched_weights(project, tm
     model, source = train_frozen.frozen_extractor(params, fetched)
     assert source == "imagenet"
     torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"], rtol=0, atol=0)
+    # the checkpoint records a frozen encoder (was None, which reloads as "all trainable")
+    assert model.encoder_meta()["trainable_blocks"] == 0
+    assert not any(q.requires_grad for q in model.backbone.parameters())
 
     untrained = _params(root, extractor={"arch": "resnet18", "pretrained": "none"})
     model_u, source_u = train_frozen.frozen_extractor(untrained, fetched)

@@ -3,9 +3,6 @@ the U-Net on the slide's feature map(s)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,30 +15,6 @@ from pipeline.segment import predict_tiles, slide_layouts
 from pipeline.tileindex import TileIndex
 
 log = get_logger("pipeline.predict")
-
-# glibc's mallopt parameter, and the size from which allocations are mmapped (and so returned to
-# the system when freed) once the threshold is fixed
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-@functools.cache
-def fix_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold for this process (True if set; a no-op elsewhere).
-
-    Why: by default glibc raises the threshold to the size of each mmapped block it frees (up to
-    32 MiB), so after the first CPU forward pass the extractor's activations of up to 32 MiB
-    come from the heap, which keeps what it frees: the process grew by ~300 MiB over the first
-    passes and then stayed there (predict's peak RSS grew from 1x to 2x in
-    benchmarks/camelyon_scale.py: 2 batches at 1x, 3 and more beyond). A fixed threshold keeps
-    every block >= 1 MiB in its own mapping, returned when freed (docs/benchmarks.md)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator, as is
-        return False
-
 
 @dataclass
 class TileProbs:
@@ -57,7 +30,6 @@ def predict_tile_probs(models: PredictModels, index: TileIndex, params: Params,
     """Tumor probability of every tile of a tiled slide. The U-Net's feature map follows the
     params' featuremap settings; a slide whose tiles would fall off the centered canvas is
     predicted with mode `full` instead (the U-Net is fully convolutional), with a warning."""
-    fix_mmap_threshold()
     feats, probs = infer_slide(models.extractor, index, params.extractor.crop_px,
                                models.device, workers, params.extractor.amp, None,
                                desc=index.slide_id)

@@ -101,6 +101,7 @@ def frozen_extractor(params: Params, weights_dir: Path | None) -> tuple[PatchCla
     torch.manual_seed(params.seed)
     model = build_extractor(p.arch, p.feature_dim, p.pretrained, timm_kwargs=p.timm_kwargs,
                             weights_dir=weights_dir)
+    model.set_trainable_blocks(0)  # the checkpoint then says so: a frozen encoder, not "all"
     source = frozen_source(p.pretrained)
     log.info("frozen extractor: %s %s", source, p.arch)
     return model, source
