@@ -38,6 +38,12 @@ STAGES = {
     "synth-camelyon": "pipeline.synth_camelyon",
 }
 
+# Inference stages return freed activations to the system (pipeline/heap.py): their peak then
+# no longer depends on how many batches a slide has (1.26x -> 1.00x), for ~5-10 % more CPU time.
+# Not the training stages: it cost them up to ~50 % CPU time, and their heap plateaus within 1.2x
+# (docs/benchmarks.md, CAMELYON-sized slides).
+FIXED_HEAP_STAGES = {"extract-features", "predict"}
+
 
 def build_app(names: list[str] | None = None) -> typer.Typer:
     """A Typer app with the given stage commands (all by default)."""
@@ -83,7 +89,8 @@ def _one_line(exc: BaseException) -> str:
 def main() -> None:
     argv = sys.argv[1:]
     names = [argv[0]] if argv and argv[0] in STAGES else None
-    fix_mmap_threshold()  # freed activations go back to the system: memory flat in slide size
+    if names and names[0] in FIXED_HEAP_STAGES:
+        fix_mmap_threshold()
     try:
         build_app(names)()
     except PipelineError as exc:

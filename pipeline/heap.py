@@ -5,8 +5,9 @@ so after the first CPU forward pass a model's activations of up to 32 MiB come f
 which keeps what it frees. A stage then grows by a few hundred MiB over its first batches and
 stays there, and the more batches a slide has the more of that it reaches: predict's peak RSS
 grew from 1x to 2x tissue in benchmarks/camelyon_scale.py (2 batches at 1x, 3 and more beyond),
-extract-features' and train-extractor's likewise. A fixed threshold keeps every block >= 1 MiB in
-its own mapping, returned when freed (docs/benchmarks.md). It changes no computed value.
+extract-features' likewise. A fixed threshold keeps every block >= 1 MiB in its own mapping,
+returned when freed (docs/benchmarks.md). It changes no computed value, but every large block is
+then faulted in afresh: pipeline/cli.py applies it to the inference stages only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CLI fixes glibc's mmap threshold before any stage runs (pipeline/heap.py)."""
+"""The CLI fixes glibc's mmap threshold before the inference stages run (pipeline/heap.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ def test_threshold_is_set_on_glibc() -> None:
     assert heap.fix_mmap_threshold() is True
 
 
-def test_every_stage_command_fixes_the_threshold_first(monkeypatch) -> None:
+@pytest.mark.parametrize(("stage", "fixed"), [("extract-features", True), ("predict", True),
+                                              ("train-extractor", False), ("tile", False)])
+def test_inference_stages_fix_the_threshold_first(monkeypatch, stage: str, fixed: bool) -> None:
     calls: list[str] = []
     monkeypatch.setattr(cli, "fix_mmap_threshold", lambda: calls.append("heap"))
     monkeypatch.setattr(cli, "build_app", lambda names: lambda: calls.append(f"run {names}"))
-    monkeypatch.setattr(sys, "argv", ["pipeline", "tile"])
+    monkeypatch.setattr(sys, "argv", ["pipeline", stage])
     cli.main()
-    assert calls == ["heap", "run ['tile']"]
+    assert calls == ["heap"] * fixed + [f"run {[stage]}"]
