@@ -209,7 +209,8 @@ def e2e_slide_step(
 ) -> dict[str, Any]:
     """Accumulate dL/dw into both models' .grad for one slide by the two-block method (see the
     module docstring); does not step. One function on purpose: steps 1-5 read in the paper's
-    order, and passes 1 and 2 must share the chunk bounds, seeds and modes set up here. `extractor` must have `.features(x) -> (B, D)`.
+    order, and passes 1 and 2 must share the chunk bounds, seeds and modes set up here.
+    `extractor` must have `.features(x) -> (B, D)`.
 
     Returns loss, n_patches (forwarded in pass 1), n_reforwarded (pass 2), n_selected (rows of
     dL/dx used), n_labelled, n_chunks, n_chunks_reforwarded.
