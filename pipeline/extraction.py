@@ -172,7 +172,10 @@ class _CentreCrops(SlidePatchDataset):
                                 f"{h}x{w} px tiles")
         # torchvision's CenterCrop offsets, so features match eval_transform exactly
         top, left = centre_crop_offsets(h, w, c)
-        return torch.from_numpy(np.ascontiguousarray(arr[top:top + c, left:left + c])), i
+        crop = np.ascontiguousarray(arr[top:top + c, left:left + c])
+        if not crop.flags.writeable:  # a read-only decoder buffer when the crop is the whole tile
+            crop = crop.copy()
+        return torch.from_numpy(crop), i
 
 
 def slides_loader(

@@ -230,7 +230,8 @@ def save_curves_figure(path: Path, df: pd.DataFrame, x: str, y: str,
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left" if x == "recall" else "lower right")
+    if ax.get_legend_handles_labels()[0]:  # an empty table (no curve) gets no legend
+        ax.legend(fontsize=8, loc="lower left" if x == "recall" else "lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)
 

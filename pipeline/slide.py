@@ -256,10 +256,11 @@ class Slide:
             arr = np.asarray(img.resize((geom.tile_size_px, geom.tile_size_px), resample))
         return arr
 
-    def low_res_image(self, downsample: float) -> tuple[np.ndarray, float]:
-        """The whole slide at roughly `downsample` (level-0 px per output px), read from the
-        best pyramid level and shrunk. Returns (rgb uint8, exact downsample per axis used).
-        Never reads level 0 unless the slide has no coarser level fine for the request."""
+    def _overview_geometry(
+        self, downsample: float
+    ) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(pyramid level to read, its size, the overview's size) for a `downsample`x overview;
+        SlideError when even the coarsest level is too large to read whole."""
         level = self.best_level(downsample)
         lw, lh = self.level_dimensions[level]
         if lw * lh > 40_000 * 40_000:
@@ -267,13 +268,20 @@ class Slide:
                 f"{self.path}: no pyramid level coarse enough for a {downsample:.1f}x overview "
                 f"(coarsest is {self.level_dimensions[-1]}); convert it to a pyramidal format"
             )
+        out_w = max(1, int(round(self.dimensions[0] / downsample)))
+        out_h = max(1, int(round(self.dimensions[1] / downsample)))
+        return level, (lw, lh), (out_w, out_h)
+
+    def low_res_image(self, downsample: float) -> tuple[np.ndarray, float]:
+        """The whole slide at roughly `downsample` (level-0 px per output px), read from the
+        best pyramid level and shrunk. Returns (rgb uint8, exact downsample per axis used).
+        Never reads level 0 unless the slide has no coarser level fine for the request."""
+        level, (lw, lh), (out_w, out_h) = self._overview_geometry(downsample)
         try:
             img = self._osr.read_region((0, 0), level, (lw, lh))
         except Exception as exc:
             raise SlideError(f"{self.path}: reading level {level} failed: {exc}") from None
         arr = _rgba_to_rgb(np.asarray(img))
-        out_w = max(1, int(round(self.dimensions[0] / downsample)))
-        out_h = max(1, int(round(self.dimensions[1] / downsample)))
         if (out_w, out_h) != (lw, lh):
             arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.Resampling.BOX))
         return arr, self.dimensions[0] / out_w
@@ -282,15 +290,7 @@ class Slide:
         """The image `low_res_image(downsample)` returns, read window by window with bounded
         memory (`Overview.read`): the same pixels, never the whole level in one piece unless
         the level's downsample puts window origins at fractional level-0 positions."""
-        level = self.best_level(downsample)
-        lw, lh = self.level_dimensions[level]
-        if lw * lh > 40_000 * 40_000:
-            raise SlideError(
-                f"{self.path}: no pyramid level coarse enough for a {downsample:.1f}x overview "
-                f"(coarsest is {self.level_dimensions[-1]}); convert it to a pyramidal format"
-            )
-        out_w = max(1, int(round(self.dimensions[0] / downsample)))
-        out_h = max(1, int(round(self.dimensions[1] / downsample)))
+        level, _, (out_w, out_h) = self._overview_geometry(downsample)
         # The overview reads each level tile about twice, neighbours first: a small OpenSlide
         # tile cache serves that. Its default (32 MiB) fills with a large slide's level tiles
         # and not with a small one's: +24 MiB from 1x to 4x in benchmarks/camelyon_scale.py.
