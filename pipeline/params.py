@@ -182,7 +182,7 @@ class Params(_Section):
         tile.workers does not re-tile a whole collection."""
         blob = json.dumps({s: _without_runtime(s, _dump(getattr(self, s))) for s in sections},
                           sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return short_hash(blob)
 
     def section_json(self, *sections: str) -> str:
         return json.dumps({s: _dump(getattr(self, s)) for s in sections}, sort_keys=True)
@@ -191,6 +191,11 @@ class Params(_Section):
 # Per section: keys that do not change any output (parallelism, an optional read cache).
 RUNTIME_KEYS = {"tile": {"workers", "cache_pixels"}, "extractor": {"workers"},
                 "e2e": {"state_every_slides"}}
+
+
+def short_hash(blob: str) -> str:
+    """The 16-hex-digit sha256 prefix of a text: the params/settings stamp on outputs."""
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _without_runtime(section: str, dumped: Any) -> Any:

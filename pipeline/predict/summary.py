@@ -15,12 +15,11 @@ params key (`params_key`); a rerun skips it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.params import Params
+from pipeline.params import Params, short_hash
 from pipeline.predict.models import PredictModels
 
 # Bumped when the output files change meaning: older summaries are then not current.
@@ -68,7 +67,7 @@ def params_key(params: Params, mpp: float | None) -> str:
     blob = json.dumps({"sections": params.section_json("tile", "featuremap", "evaluate"),
                        "crop_px": params.extractor.crop_px, "mpp": mpp,
                        "version": OUTPUT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_hash(blob)
 
 
 def is_current(out: SlideOutputs, slide_path: Path, models: PredictModels, key: str) -> bool:

@@ -36,7 +36,6 @@ Writes models/seg_only.pt, reports/train_seg_only.json (metrics), reports/train_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -55,7 +54,7 @@ from pipeline.io import sha256_file, write_timings
 from pipeline.log import get_logger, progress
 from pipeline.manifest import load_manifest
 from pipeline.models import extractor_input_normalization, save_checkpoint
-from pipeline.params import Params, SegOnlyParams, load_params
+from pipeline.params import Params, SegOnlyParams, load_params, short_hash
 from pipeline.paths import Paths
 from pipeline.runtime import TrainingError, pick_device, seed_everything
 from pipeline.schema import IGNORE_INDEX, LABEL
@@ -205,7 +204,7 @@ def seg_only_hash(params: Params, cfg: SegOnlyParams) -> str:
     """What the predictions depend on: seed, tile/label params and the effective config."""
     blob = params.section_json("seed", "tile", "label", "seg_only") + json.dumps(
         cfg.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_hash(blob)
 
 
 def run(params: Params, paths: Paths, config: SegOnlyParams | None = None) -> dict:
